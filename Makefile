@@ -1,0 +1,43 @@
+# Two commands set up and exercise everything on a fresh machine:
+#   make demo   -- create .venv, install, run the main job on the embedded default
+#   make test   -- create .venv, install, run the whole test suite
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# torch is pinned: its CPU build lies on local disk and installs offline; a looser spec
+# would pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test test-all lint format bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[all]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m zoopt.cli demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow" --timeout=900
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q --timeout=1800
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) build *.egg-info
