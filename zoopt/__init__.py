@@ -1,0 +1,40 @@
+"""zoopt — zeroth-order optimization of black boxes, scaled to deep networks (DeepZero).
+
+Light to import: numpy, scipy and array-api-compat only; torch, CuPy, PhiFlow and Dask are
+imported when a feature needs them (``zoopt.torch``, ``zoopt.distributed``, ``oracles``).
+"""
+
+from .estimators import CGE, RGE, Estimate, Estimator, QueryPlan, make_estimator
+from .minimize import AskTell, OptimizeResult, minimize
+from .optim import SGD, Adam, Optimizer, SignSGD, make_optimizer
+from .oracle import BaseOracle, BudgetExceeded, FunctionOracle, Oracle, OracleError, as_oracle
+from .schedules import Constant, Cosine, Step, as_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CGE",
+    "RGE",
+    "SGD",
+    "Adam",
+    "AskTell",
+    "BaseOracle",
+    "BudgetExceeded",
+    "Constant",
+    "Cosine",
+    "Estimate",
+    "Estimator",
+    "FunctionOracle",
+    "OptimizeResult",
+    "Optimizer",
+    "Oracle",
+    "OracleError",
+    "QueryPlan",
+    "SignSGD",
+    "Step",
+    "as_oracle",
+    "as_schedule",
+    "make_estimator",
+    "make_optimizer",
+    "minimize",
+]

@@ -1,0 +1,208 @@
+"""The ``zoopt`` command line.
+
+``zoopt minimize FUNCTION`` optimizes a named test function or a user function given as
+``module:function``; other commands (training, serving) register themselves below and
+import their heavy dependencies only when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+#: (module, function adding the subparser) of commands that live outside this file.
+EXTERNAL_COMMANDS: list[tuple[str, str]] = []
+
+
+def _load_function(spec: str) -> tuple[Callable[..., Any], bool, np.ndarray | None, float | None]:
+    """Resolve a named test function or ``module:function``.
+
+    Returns (callable, batched, default x0 for a dimension or None, known minimum or None).
+    """
+    from .testfunctions import FUNCTIONS
+
+    if spec in FUNCTIONS:
+        tf = FUNCTIONS[spec]
+        return tf.fn, True, tf.x0, tf.minimum
+    if ":" not in spec:
+        raise SystemExit(
+            f"zoopt: unknown function {spec!r}; use one of {sorted(FUNCTIONS)} or module:function"
+        )
+    module_name, _, attr = spec.partition(":")
+    sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise SystemExit(f"zoopt: cannot import module {module_name!r}: {exc}") from exc
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise SystemExit(f"zoopt: {module_name!r} has no callable {attr!r}")
+    return fn, False, None, None
+
+
+def _cmd_minimize(args: argparse.Namespace) -> int:
+    import zoopt
+
+    fn, batched, x0_fn, fmin = _load_function(args.function)
+    batched = batched or args.batched
+    if args.x0 is not None:
+        if args.x0.endswith(".npy"):
+            x0 = np.load(args.x0, allow_pickle=False).astype(np.float64).ravel()
+        else:
+            x0 = np.full(args.dim, float(args.x0))
+    elif x0_fn is not None:
+        x0 = x0_fn(args.dim)
+    else:
+        x0 = np.zeros(args.dim)
+    if x0.shape[0] != args.dim:
+        raise SystemExit(f"zoopt: --x0 has {x0.shape[0]} entries but --dim is {args.dim}")
+    if args.estimator == "cge":
+        est = zoopt.CGE(
+            mu=args.mu, scheme=args.scheme if args.scheme != "antithetic" else "central"
+        )
+    else:
+        est = zoopt.RGE(q=args.q, mu=args.mu, dist=args.dist, scheme=args.scheme)
+    lr: Any = args.lr
+    if args.schedule == "cosine":
+        lr = zoopt.Cosine(
+            base=args.lr, total=max(1, args.maxiter), warmup=min(args.warmup, args.maxiter - 1)
+        )
+    opt = zoopt.make_optimizer(
+        args.optimizer, lr=lr, **({"momentum": args.momentum} if args.optimizer != "adam" else {})
+    )
+    f = fn if batched else (lambda x: fn(x))
+    oracle = zoopt.as_oracle(f, dim=args.dim, batched=batched)
+    f_start = float(oracle(x0))
+    res = zoopt.minimize(
+        oracle,
+        x0,
+        estimator=est,
+        optimizer=opt,
+        maxiter=args.maxiter,
+        max_queries=args.max_queries,
+        seed=args.seed,
+        progress=not args.quiet,
+    )
+    summary = {
+        "function": args.function,
+        "dim": args.dim,
+        "estimator": repr(est),
+        "optimizer": args.optimizer,
+        "f_start": f_start,
+        "fun": res.fun,
+        "best_fun": res.best_fun,
+        "nit": res.nit,
+        "nfev": res.nfev,
+        "success": bool(res.success),
+        "message": res.message,
+        "wall_seconds": round(res.wall_seconds, 3),
+    }
+    if fmin is not None:
+        summary["gap_reduction"] = (f_start - fmin) / max(res.fun - fmin, 1e-300)
+    if args.out:
+        np.save(args.out, np.asarray(res.x))
+        summary["x_saved_to"] = args.out
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:>14}: {v}")
+    return 0 if res.success else 1
+
+
+def _add_minimize(sub: Any) -> None:
+    p = sub.add_parser(
+        "minimize",
+        help="minimize a test function or module:function with ZO gradient estimates",
+        description="Minimize FUNCTION (a named test function, or module:function taking a 1-D "
+        "numpy array and returning a float) with zeroth-order gradient estimates.",
+    )
+    p.add_argument("function", help="sphere|quadratic|rosenbrock|rastrigin or module:function")
+    p.add_argument("--dim", type=int, default=10, help="number of variables (default 10)")
+    p.add_argument(
+        "--x0", default=None, help="start: a constant, or a .npy file (default per function)"
+    )
+    p.add_argument(
+        "--batched", action="store_true", help="module:function takes (n, d) and returns (n,)"
+    )
+    p.add_argument("--estimator", choices=["rge", "cge"], default="rge")
+    p.add_argument("--q", type=int, default=20, help="RGE directions (default 20)")
+    p.add_argument(
+        "--mu", type=float, default=1e-4, help="smoothing / difference step (default 1e-4)"
+    )
+    p.add_argument("--dist", choices=["gaussian", "sphere", "rademacher"], default="gaussian")
+    p.add_argument("--scheme", choices=["forward", "central", "antithetic"], default="forward")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "signsgd"], default="sgd")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.0)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--warmup", type=int, default=0, help="warmup iterations of the cosine schedule")
+    p.add_argument("--maxiter", type=int, default=1000)
+    p.add_argument("--max-queries", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="save the final x to this .npy file")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_minimize)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The main job on the embedded default (see README)."""
+    print("zoopt demo: 200-dimensional Rosenbrock, forward CGE with ZO-SGD (momentum 0.9)\n")
+    argv = [
+        "minimize",
+        "rosenbrock",
+        "--dim",
+        "200",
+        "--estimator",
+        "cge",
+        "--mu",
+        "1e-6",
+        "--lr",
+        "2e-3",
+        "--momentum",
+        "0.9",
+        "--maxiter",
+        "3000",
+    ]
+    return _cmd_minimize(build_parser().parse_args(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zoopt", description="Zeroth-order optimization of black boxes (DeepZero)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_minimize(sub)
+    p = sub.add_parser(
+        "demo",
+        help="run the main job on the embedded default",
+        description="Run the main job on the embedded default.",
+    )
+    p.set_defaults(func=_cmd_demo)
+    for module_name, adder in EXTERNAL_COMMANDS:
+        getattr(importlib.import_module(module_name), adder)(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("zoopt: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # bad user input: one clear line, no traceback
+        print(f"zoopt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

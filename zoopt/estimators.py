@@ -1,0 +1,377 @@
+"""Zeroth-order gradient estimators.
+
+An estimator is an immutable value object. ``estimate(oracle, x)`` returns an
+:class:`Estimate`; the same computation is split in two for ask/tell use:
+``plan(x, rng=..., fx=...)`` gives a :class:`QueryPlan` whose points are sent to the
+oracle (in chunks) and whose ``finish(values)`` returns the estimate.
+
+Formulas (x ∈ R^d, μ > 0, u_i random directions, e_i unit vectors):
+
+=====================  ===============================================================  ==========
+estimator              gradient estimate                                                 queries
+=====================  ===============================================================  ==========
+RGE forward            (φ/q) Σ_i [f(x+μu_i) − f(x)]/μ · u_i                              q + 1
+RGE central            (φ/q) Σ_i [f(x+μu_i) − f(x−μu_i)]/(2μ) · u_i                      2q
+RGE antithetic         (φ/q) Σ_{i≤q/2} [f(x+μu_i) − f(x−μu_i)]/μ · u_i  (q even)          q
+CGE forward            Σ_{i∈S} [f(x+μe_i) − f(x)]/μ · e_i                                |S| + 1
+CGE central            Σ_{i∈S} [f(x+μe_i) − f(x−μe_i)]/(2μ) · e_i                        2|S|
+=====================  ===============================================================  ==========
+
+φ = 1 for Gaussian and Rademacher directions, φ = d for directions uniform on the unit
+sphere. The "+1" is f(x), skipped when the caller passes a known ``fx``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from ._array import Array, device_of, itemsize, namespace, to_numpy
+from .oracle import DEFAULT_MAX_BATCH_BYTES, BaseOracle
+
+Direction = Literal["gaussian", "sphere", "rademacher"]
+RGEScheme = Literal["forward", "central", "antithetic"]
+CGEScheme = Literal["forward", "central"]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Result of one gradient estimate.
+
+    Attributes:
+        grad: gradient estimate, same shape ``(d,)``, array type and device as ``x``.
+        fx: f(x) if it was evaluated or given, else ``None`` (central schemes).
+        queries: oracle queries this estimate spent.
+    """
+
+    grad: Array
+    fx: float | None
+    queries: int
+
+
+def _check_mu(mu: Any) -> float:
+    if isinstance(mu, bool) or not isinstance(mu, int | float | np.floating | np.integer):
+        raise TypeError(f"mu must be a number, got {mu!r}")
+    if not math.isfinite(mu) or mu <= 0:
+        raise ValueError(f"mu must be a finite number > 0, got {mu!r}")
+    return float(mu)
+
+
+def _as_rng(rng: np.random.Generator | int | None) -> np.random.Generator:
+    if isinstance(rng, np.random.Generator):
+        return rng
+    return np.random.default_rng(rng)
+
+
+@dataclass
+class QueryPlan:
+    """The points one estimate needs, built lazily in chunks.
+
+    ``n`` points in all; ``points(start, stop)`` returns rows ``start:stop`` as an
+    ``(stop-start, d)`` array of x's type; ``finish(values)`` turns the ``n`` values into an
+    :class:`Estimate`. ``coord_steps`` is set for coordinate plans so oracles with a fast
+    path (``eval_coordinate_steps``) can skip materializing points.
+    """
+
+    x: Array
+    n: int
+    points: Callable[[int, int], Array]
+    finish: Callable[[Array], Estimate]
+    #: ``[(coords, step), ...]`` blocks after an optional base point (CGE only).
+    coord_steps: list[tuple[np.ndarray, float]] | None = None
+    includes_base: bool = False
+
+    def all_points(self) -> Array:
+        """Every point as one ``(n, d)`` array (for ask/tell; mind the memory at large n·d)."""
+        return self.points(0, self.n)
+
+    def evaluate(self, oracle: BaseOracle, max_batch_bytes: int | None = None) -> Array:
+        """Send the plan's points to ``oracle`` in memory-capped chunks; returns ``(n,)`` values."""
+        x = self.x
+        xp = namespace(x)
+        if self.coord_steps is not None and hasattr(oracle, "eval_coordinate_steps"):
+            parts = []
+            if self.includes_base:
+                parts.append(oracle.batch(xp.reshape(x, (1, -1))))
+            for coords, step in self.coord_steps:
+                parts.append(oracle.eval_coordinate_steps(x, coords, step))
+            parts = [xp.asarray(p, device=device_of(x)) for p in parts if p.shape[0] > 0]
+            return xp.concat(parts) if parts else xp.zeros((0,), dtype=x.dtype, device=device_of(x))
+        cap = max_batch_bytes or getattr(oracle, "max_batch_bytes", DEFAULT_MAX_BATCH_BYTES)
+        rows = max(1, cap // max(1, x.shape[0] * itemsize(x)))
+        out = [oracle.batch(self.points(s, min(s + rows, self.n))) for s in range(0, self.n, rows)]
+        out = [xp.asarray(v, device=device_of(x)) for v in out]
+        return xp.concat(out) if len(out) > 1 else out[0]
+
+
+class Estimator:
+    """Base class: ``estimate`` = ``plan`` → evaluate in chunks → ``finish``."""
+
+    mu: float
+
+    def plan(
+        self, x: Array, *, rng: np.random.Generator | int | None = None, fx: float | None = None
+    ) -> QueryPlan:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def queries_per_step(self, dim: int, fx_known: bool = False) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def estimate(
+        self,
+        oracle: BaseOracle,
+        x: Array,
+        *,
+        rng: np.random.Generator | int | None = None,
+        fx: float | None = None,
+    ) -> Estimate:
+        """Estimate ∇f(x) by querying ``oracle``.
+
+        Args:
+            oracle: the black box (``oracle.dim == x.shape[0]``).
+            x: the point, shape ``(d,)`` (numpy, torch or CuPy; the gradient has the same type).
+            rng: random generator or seed for random directions (ignored by CGE).
+            fx: f(x) if already known; saves one query in forward schemes.
+        """
+        if getattr(oracle, "dim", x.shape[0]) != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} entries but the oracle has dim={oracle.dim}")
+        plan = self.plan(x, rng=rng, fx=fx)
+        return plan.finish(plan.evaluate(oracle))
+
+    def with_mu(self, mu: float) -> Estimator:
+        """A copy with another smoothing radius (for μ schedules)."""
+        return dataclasses.replace(self, mu=mu)
+
+
+@dataclass(frozen=True)
+class RGE(Estimator):
+    """Randomized gradient estimator over ``q`` random directions.
+
+    Args:
+        q: number of directions (function queries for ``antithetic``; must be even then).
+        mu: smoothing radius μ > 0.
+        dist: ``"gaussian"`` (N(0, I)), ``"sphere"`` (uniform on the unit sphere, scaled by d)
+            or ``"rademacher"`` (±1 entries).
+        scheme: ``"forward"``, ``"central"`` or ``"antithetic"`` (see the module table).
+    """
+
+    q: int = 10
+    mu: float = 5e-3
+    dist: Direction = "gaussian"
+    scheme: RGEScheme = "forward"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.q, bool) or not isinstance(self.q, int | np.integer) or self.q < 1:
+            raise ValueError(f"q must be an integer >= 1, got {self.q!r}")
+        object.__setattr__(self, "mu", _check_mu(self.mu))
+        if self.dist not in ("gaussian", "sphere", "rademacher"):
+            raise ValueError(
+                f"dist must be 'gaussian', 'sphere' or 'rademacher', got {self.dist!r}"
+            )
+        if self.scheme not in ("forward", "central", "antithetic"):
+            raise ValueError(
+                f"scheme must be 'forward', 'central' or 'antithetic', got {self.scheme!r}"
+            )
+        if self.scheme == "antithetic" and self.q % 2:
+            raise ValueError(
+                f"the antithetic scheme needs an even q (mirrored pairs), got q={self.q}"
+            )
+
+    @property
+    def n_directions(self) -> int:
+        return self.q // 2 if self.scheme == "antithetic" else self.q
+
+    def queries_per_step(self, dim: int, fx_known: bool = False) -> int:
+        if self.scheme == "forward":
+            return self.q + (0 if fx_known else 1)
+        return 2 * self.q if self.scheme == "central" else self.q
+
+    def directions(self, dim: int, rng: np.random.Generator) -> np.ndarray:
+        """``(n_directions, dim)`` float64 directions drawn from ``rng`` (host memory)."""
+        m = self.n_directions
+        if self.dist == "gaussian":
+            return rng.standard_normal((m, dim))
+        if self.dist == "rademacher":
+            return rng.integers(0, 2, size=(m, dim)).astype(np.float64) * 2.0 - 1.0
+        u = rng.standard_normal((m, dim))
+        norms = np.linalg.norm(u, axis=1, keepdims=True)
+        return u / np.where(norms > 0, norms, 1.0)
+
+    def plan(
+        self, x: Array, *, rng: np.random.Generator | int | None = None, fx: float | None = None
+    ) -> QueryPlan:
+        xp = namespace(x)
+        d = x.shape[0]
+        # Directions come from a numpy Generator so that numpy, torch and CuPy runs with the
+        # same seed see the same directions; they are moved to x's device once per step.
+        u = xp.asarray(self.directions(d, _as_rng(rng)), dtype=x.dtype, device=device_of(x))
+        m = u.shape[0]
+        mu = self.mu
+        scale = (d if self.dist == "sphere" else 1.0) / self.q
+        forward = self.scheme == "forward"
+        need_base = forward and fx is None
+        # Point layout: [x]? then x + mu*u_1..m, then (central/antithetic) x - mu*u_1..m.
+        offset = 1 if need_base else 0
+        n = offset + (m if forward else 2 * m)
+
+        def points(start: int, stop: int) -> Array:
+            rows = np.arange(start, stop)
+            out = xp.empty((rows.size, d), dtype=x.dtype, device=device_of(x))
+            out[...] = x[None, :]
+            pert = np.flatnonzero(rows >= offset)
+            if pert.size:
+                j = rows[pert] - offset
+                signed = xp.asarray(np.where(j < m, mu, -mu), dtype=x.dtype, device=device_of(x))
+                dirs = xp.take(u, xp.asarray(j % m, device=device_of(x)), axis=0)
+                r = xp.asarray(pert, device=device_of(x))
+                out[r, ...] = x[None, :] + signed[:, None] * dirs
+            return out
+
+        def finish(values: Array) -> Estimate:
+            values = xp.asarray(values, dtype=x.dtype, device=device_of(x))
+            if values.shape[0] != n:
+                raise ValueError(f"expected {n} values for this plan, got {values.shape[0]}")
+            base = float(values[0]) if need_base else fx
+            if forward:
+                coef = (values[offset:] - base) / mu
+            elif self.scheme == "central":
+                coef = (values[:m] - values[m:]) / (2 * mu)
+            else:  # antithetic: mirrored forward differences, f(x) cancels
+                coef = (values[:m] - values[m:]) / mu
+            grad = scale * (coef @ u)
+            return Estimate(grad=grad, fx=None if base is None else float(base), queries=n)
+
+        return QueryPlan(x=x, n=n, points=points, finish=finish)
+
+
+def _coords_array(coords: Any, dim: int) -> np.ndarray:
+    """Validate ``coords`` (indices or a boolean mask of length dim) → sorted unique int64 indices."""
+    c = to_numpy(coords)
+    c = np.asarray(c)
+    if c.dtype == bool:
+        if c.shape != (dim,):
+            raise ValueError(f"a boolean coords mask must have shape ({dim},), got {c.shape}")
+        return np.flatnonzero(c)
+    if c.ndim != 1:
+        raise ValueError(
+            f"coords must be a 1-D array of indices or a boolean mask, got shape {c.shape}"
+        )
+    if c.size == 0:
+        return c.astype(np.int64)
+    if not np.issubdtype(c.dtype, np.integer):
+        raise TypeError(f"coords must hold integer indices or booleans, got dtype {c.dtype}")
+    if c.min() < 0 or c.max() >= dim:
+        bad = c[(c < 0) | (c >= dim)][0]
+        raise ValueError(f"coords out of range for dim={dim}: index {bad}")
+    u = np.unique(c)
+    if u.size != c.size:
+        raise ValueError("coords contains duplicate indices")
+    return u.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class CGE(Estimator):
+    """Coordinate-wise gradient estimator; with ``coords`` it is sparse CGE.
+
+    Args:
+        mu: finite-difference step μ > 0.
+        scheme: ``"forward"`` (|S|+1 queries) or ``"central"`` (2|S| queries, exact on quadratics).
+        coords: indices (or a boolean mask of length d) of the set S; ``None`` means all
+            coordinates. The estimate is zero outside S. ``plan``/``estimate`` also accept
+            ``coords=`` per call (dynamic sparsity), which overrides this field.
+    """
+
+    mu: float = 5e-3
+    scheme: CGEScheme = "forward"
+    coords: Any = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mu", _check_mu(self.mu))
+        if self.scheme not in ("forward", "central"):
+            raise ValueError(f"scheme must be 'forward' or 'central' for CGE, got {self.scheme!r}")
+
+    def queries_per_step(self, dim: int, fx_known: bool = False) -> int:
+        k = dim if self.coords is None else _coords_array(self.coords, dim).size
+        return k + (0 if fx_known else 1) if self.scheme == "forward" else 2 * k
+
+    def plan(
+        self,
+        x: Array,
+        *,
+        rng: np.random.Generator | int | None = None,
+        fx: float | None = None,
+        coords: Any = None,
+    ) -> QueryPlan:
+        xp = namespace(x)
+        d = x.shape[0]
+        dev = device_of(x)
+        chosen = coords if coords is not None else self.coords
+        idx = np.arange(d, dtype=np.int64) if chosen is None else _coords_array(chosen, d)
+        k = idx.size
+        mu = self.mu
+        forward = self.scheme == "forward"
+        need_base = forward and fx is None
+        offset = 1 if need_base else 0
+        n = offset + (k if forward else 2 * k)
+        steps = [(idx, mu)] if forward else [(idx, mu), (idx, -mu)]
+
+        def points(start: int, stop: int) -> Array:
+            m = stop - start
+            out = xp.empty((m, d), dtype=x.dtype, device=dev)
+            out[...] = x[None, :]
+            rows = np.arange(start, stop)
+            pert = rows >= offset
+            j = rows[pert] - offset
+            col = idx[j % k] if k else j
+            step = np.where(j < k, mu, -mu)
+            if pert.any():
+                r = xp.asarray(np.flatnonzero(pert), device=dev)
+                c = xp.asarray(col, device=dev)
+                out[r, c] = out[r, c] + xp.asarray(step, dtype=x.dtype, device=dev)
+            return out
+
+        def finish(values: Array) -> Estimate:
+            values = xp.asarray(values, dtype=x.dtype, device=dev)
+            if values.shape[0] != n:
+                raise ValueError(f"expected {n} values for this plan, got {values.shape[0]}")
+            base = float(values[0]) if need_base else fx
+            if forward:
+                diff = (values[offset:] - base) / mu
+            else:
+                diff = (values[:k] - values[k:]) / (2 * mu)
+            grad = xp.zeros((d,), dtype=x.dtype, device=dev)
+            if k:
+                grad[xp.asarray(idx, device=dev)] = diff
+            return Estimate(grad=grad, fx=None if base is None else float(base), queries=n)
+
+        return QueryPlan(
+            x=x, n=n, points=points, finish=finish, coord_steps=steps, includes_base=need_base
+        )
+
+    def estimate(
+        self,
+        oracle: BaseOracle,
+        x: Array,
+        *,
+        rng: np.random.Generator | int | None = None,
+        fx: float | None = None,
+        coords: Any = None,
+    ) -> Estimate:
+        """Estimate ∇f(x) on the coordinates ``coords`` (default: the estimator's set, or all)."""
+        if getattr(oracle, "dim", x.shape[0]) != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} entries but the oracle has dim={oracle.dim}")
+        plan = self.plan(x, rng=rng, fx=fx, coords=coords)
+        return plan.finish(plan.evaluate(oracle))
+
+
+def make_estimator(name: str, **kwargs: Any) -> Estimator:
+    """Build an estimator by name: ``"rge"`` or ``"cge"`` (kwargs go to the class)."""
+    table = {"rge": RGE, "cge": CGE}
+    if name not in table:
+        raise ValueError(f"unknown estimator {name!r}; choose from {sorted(table)}")
+    return table[name](**kwargs)

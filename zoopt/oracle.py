@@ -1,0 +1,307 @@
+"""Oracles: functions we may only query.
+
+An oracle maps a flat parameter vector ``x`` of shape ``(d,)`` to a float, and a batch
+``X`` of shape ``(n, d)`` to values of shape ``(n,)``. :class:`BaseOracle` adds what every
+adapter needs: query counting, a query budget, an error policy for exceptions and
+non-finite values, and tracking of the best point seen.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from ._array import Array, device_of, itemsize, namespace, to_numpy
+
+ErrorPolicy = Literal["raise", "inf"]
+
+#: Default cap on the memory of one batch of perturbed points handed to an oracle (bytes).
+DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
+
+
+class OracleError(RuntimeError):
+    """The user's function raised, or returned a non-finite or malformed value."""
+
+
+class BudgetExceeded(RuntimeError):
+    """A query would exceed ``max_queries``. Carries the best point seen so far.
+
+    Attributes: ``queries`` (queries spent), ``max_queries``, ``best_x`` and ``best_f``
+    (``None`` if no finite value was seen).
+    """
+
+    def __init__(self, queries: int, max_queries: int, best_x: Array | None, best_f: float):
+        super().__init__(
+            f"query budget exhausted: {queries} queries spent of max_queries={max_queries}; "
+            f"best value seen {best_f:.6g}"
+        )
+        self.queries = queries
+        self.max_queries = max_queries
+        self.best_x = best_x
+        self.best_f = best_f
+
+
+@runtime_checkable
+class Oracle(Protocol):
+    """What estimators need from a black box."""
+
+    dim: int
+
+    def __call__(self, x: Array) -> float: ...
+
+    def batch(self, X: Array) -> Array: ...
+
+
+def _check_policy(name: str, value: str) -> str:
+    if value not in ("raise", "inf"):
+        raise ValueError(f"{name} must be 'raise' or 'inf', got {value!r}")
+    return value
+
+
+class BaseOracle:
+    """Counting, budget, error policy and best-point tracking around ``_evaluate``.
+
+    Subclasses implement ``_evaluate(X) -> values`` for ``X`` of shape ``(n, d)``; they may
+    also override :meth:`eval_coordinate_steps` with a faster path (the torch engine does).
+
+    Args:
+        dim: length of the parameter vector.
+        max_queries: budget; a batch that would exceed it raises :class:`BudgetExceeded`
+            before anything is evaluated. ``None`` means unlimited.
+        on_error: ``"raise"`` wraps an exception of the function in :class:`OracleError`
+            naming the query; ``"inf"`` records ``+inf`` for that query.
+        on_nonfinite: the same choice for NaN/inf values returned by the function.
+        max_batch_bytes: memory cap for one batch of points built by the default
+            :meth:`eval_coordinate_steps`.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        max_queries: int | None = None,
+        on_error: ErrorPolicy = "raise",
+        on_nonfinite: ErrorPolicy = "raise",
+        max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+    ):
+        if not isinstance(dim, int | np.integer) or isinstance(dim, bool) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if max_queries is not None and (
+            not isinstance(max_queries, int | np.integer) or max_queries < 0
+        ):
+            raise ValueError(
+                f"max_queries must be a non-negative integer or None, got {max_queries!r}"
+            )
+        if max_batch_bytes <= 0:
+            raise ValueError(f"max_batch_bytes must be positive, got {max_batch_bytes!r}")
+        self.dim = int(dim)
+        self.max_queries = None if max_queries is None else int(max_queries)
+        self.on_error = _check_policy("on_error", on_error)
+        self.on_nonfinite = _check_policy("on_nonfinite", on_nonfinite)
+        self.max_batch_bytes = int(max_batch_bytes)
+        self.queries = 0
+        self.best_f = math.inf
+        self.best_x: Array | None = None
+
+    # -- to implement ---------------------------------------------------------------
+    def _evaluate(self, X: Array) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -- public API -----------------------------------------------------------------
+    def __call__(self, x: Array) -> float:
+        """f(x) for one point ``x`` of shape ``(d,)``; costs one query."""
+        self._check_point(x)
+        xp = namespace(x)
+        return float(self.batch(xp.reshape(x, (1, self.dim)))[0])
+
+    def batch(self, X: Array) -> Array:
+        """f at each row of ``X`` (shape ``(n, d)``); returns shape ``(n,)``; costs n queries."""
+        if getattr(X, "ndim", None) != 2 or X.shape[1] != self.dim:
+            raise ValueError(
+                f"expected a batch of shape (n, {self.dim}), got {tuple(getattr(X, 'shape', ()))}"
+            )
+        n = int(X.shape[0])
+        first = self._charge(n)
+        values = self._evaluate_checked(X, first)
+        self._track_best(values, lambda i: X[i])
+        return values
+
+    def eval_coordinate_steps(self, x: Array, coords: Array, step: float) -> Array:
+        """f(x + step * e_c) for each index c in ``coords`` (shape ``(k,)``) → shape ``(k,)``.
+
+        Costs ``k`` queries. The default builds the points in chunks under
+        ``max_batch_bytes`` and calls :meth:`batch`; oracles with structure override it.
+        """
+        xp = namespace(x)
+        coords_np = np.asarray(to_numpy(coords), dtype=np.int64)
+        k = coords_np.shape[0]
+        rows = max(1, self.max_batch_bytes // max(1, self.dim * itemsize(x)))
+        out = []
+        buf = None
+        dev = device_of(x)
+        for start in range(0, k, rows):
+            idx = coords_np[start : start + rows]
+            m = idx.shape[0]
+            if buf is None or buf.shape[0] != m:
+                buf = xp.empty((m, self.dim), dtype=x.dtype, device=dev)
+            buf[...] = x[None, :]
+            r = xp.arange(m, device=dev)
+            c = xp.asarray(idx, device=dev)
+            buf[r, c] = buf[r, c] + step
+            out.append(self.batch(buf))
+        if not out:
+            return xp.zeros((0,), dtype=x.dtype, device=dev)
+        return xp.concat(out) if len(out) > 1 else out[0]
+
+    @property
+    def remaining(self) -> int | None:
+        """Queries left in the budget (``None`` if unlimited)."""
+        return None if self.max_queries is None else self.max_queries - self.queries
+
+    # -- helpers for subclasses -----------------------------------------------------
+    def _check_point(self, x: Array) -> None:
+        if getattr(x, "ndim", None) != 1 or x.shape[0] != self.dim:
+            raise ValueError(
+                f"expected a point of shape ({self.dim},), got {tuple(getattr(x, 'shape', ()))}"
+            )
+
+    def _charge(self, n: int) -> int:
+        """Reserve ``n`` queries (raising :class:`BudgetExceeded` first if they don't fit).
+
+        Returns the global index of the first of them.
+        """
+        if self.max_queries is not None and self.queries + n > self.max_queries:
+            raise BudgetExceeded(self.queries, self.max_queries, self.best_x, self.best_f)
+        first = self.queries
+        self.queries += n
+        return first
+
+    def _evaluate_checked(self, X: Array, first: int) -> Array:
+        try:
+            values = self._evaluate(X)
+        except (BudgetExceeded, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if self.on_error == "raise":
+                raise OracleError(
+                    f"the function raised on queries {first}..{first + X.shape[0] - 1} "
+                    f"({type(exc).__name__}: {exc})"
+                ) from exc
+            return self._evaluate_rowwise_inf(X, first)
+        return self._apply_nonfinite_policy(values, X.shape[0], first, X)
+
+    def _evaluate_rowwise_inf(self, X: Array, first: int) -> Array:
+        """Under ``on_error='inf'``: row by row, so one failing query doesn't poison the batch."""
+        xp = namespace(X)
+        out = []
+        for i in range(X.shape[0]):
+            try:
+                v = self._evaluate(X[i : i + 1])
+            except (BudgetExceeded, KeyboardInterrupt):
+                raise
+            except Exception:
+                v = xp.asarray([math.inf], dtype=X.dtype, device=device_of(X))
+                out.append(v)
+                continue
+            out.append(self._apply_nonfinite_policy(v, 1, first + i, X))
+        return xp.concat(out)
+
+    def _apply_nonfinite_policy(self, values: Any, n: int, first: int, X: Array | None) -> Array:
+        xp = namespace(X) if X is not None else np
+        if not hasattr(values, "shape"):
+            values = np.asarray(values, dtype=np.float64)
+        values = xp.asarray(values, device=device_of(X)) if X is not None else values
+        values = xp.reshape(values, (-1,)) if values.ndim != 1 else values
+        if values.shape[0] != n:
+            raise OracleError(
+                f"the function returned {values.shape[0]} values for a batch of {n} queries"
+            )
+        finite = xp.isfinite(values)
+        if not bool(xp.all(finite)):
+            bad = int(np.flatnonzero(~to_numpy(finite))[0])
+            if self.on_nonfinite == "raise":
+                raise OracleError(
+                    f"the function returned a non-finite value {float(values[bad])} at query "
+                    f"{first + bad} (set on_nonfinite='inf' to treat such values as +inf)"
+                )
+            values = xp.where(
+                finite, values, xp.asarray(math.inf, dtype=values.dtype, device=device_of(values))
+            )
+        return values
+
+    def _track_best(self, values: Array, point_of: Callable[[int], Array]) -> None:
+        host = to_numpy(values)
+        if host.size == 0:
+            return
+        i = int(np.argmin(host))
+        if host[i] < self.best_f:
+            self.best_f = float(host[i])
+            p = point_of(i)
+            self.best_x = p.clone() if hasattr(p, "clone") else p.copy()
+
+
+class FunctionOracle(BaseOracle):
+    """An oracle around a Python callable (see :func:`as_oracle`)."""
+
+    def __init__(self, fn: Callable[..., Any], dim: int, *, batched: bool = False, **policy: Any):
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {fn!r}")
+        super().__init__(dim, **policy)
+        self.fn = fn
+        self.batched = bool(batched)
+
+    def _evaluate(self, X: Array) -> Any:
+        if self.batched:
+            return self.fn(X)
+        values = np.empty(X.shape[0])
+        for i in range(X.shape[0]):
+            v = self.fn(X[i])
+            try:
+                values[i] = float(v)
+            except (TypeError, ValueError) as exc:
+                raise OracleError(f"the function must return a number, got {v!r}") from exc
+        return values
+
+    def __repr__(self) -> str:
+        name = getattr(self.fn, "__name__", type(self.fn).__name__)
+        return f"FunctionOracle({name}, dim={self.dim}, batched={self.batched}, queries={self.queries})"
+
+
+def as_oracle(
+    fn: Callable[..., Any] | BaseOracle,
+    dim: int | None = None,
+    *,
+    batched: bool = False,
+    max_queries: int | None = None,
+    on_error: ErrorPolicy = "raise",
+    on_nonfinite: ErrorPolicy = "raise",
+    max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+) -> BaseOracle:
+    """Wrap a callable as a counted oracle.
+
+    Args:
+        fn: ``fn(x) -> float`` for ``x`` of shape ``(d,)``, or with ``batched=True``
+            ``fn(X) -> values`` for ``X`` of shape ``(n, d)``. An existing oracle is returned
+            as is (``dim`` must then match).
+        dim: d, the length of the parameter vector (required for callables).
+        batched: whether ``fn`` evaluates a whole batch at once.
+        max_queries, on_error, on_nonfinite, max_batch_bytes: see :class:`BaseOracle`.
+    """
+    if isinstance(fn, BaseOracle):
+        if dim is not None and dim != fn.dim:
+            raise ValueError(f"dim={dim} does not match the oracle's dim={fn.dim}")
+        return fn
+    if dim is None:
+        raise ValueError("dim is required to wrap a callable (the length of its input vector)")
+    return FunctionOracle(
+        fn,
+        dim,
+        batched=batched,
+        max_queries=max_queries,
+        on_error=on_error,
+        on_nonfinite=on_nonfinite,
+        max_batch_bytes=max_batch_bytes,
+    )
