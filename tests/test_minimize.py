@@ -79,9 +79,10 @@ def test_minimize_and_asktell_identical_iterates(seed, which, d):
 
 def test_asktell_state_dict_resumes_exactly():
     x0 = np.linspace(-1, 1, 12)
-    make = lambda: zoopt.AskTell(
-        x0, zoopt.RGE(q=4, mu=1e-3), zoopt.SGD(lr=0.05, momentum=0.9), seed=3
-    )  # noqa: E731
+
+    def make():
+        return zoopt.AskTell(x0, zoopt.RGE(q=4, mu=1e-3), zoopt.SGD(lr=0.05, momentum=0.9), seed=3)  # noqa: E731
+
     a = make()
     for _ in range(8):
         a.tell(np.array([plain_quadratic(p) for p in a.ask()]))
