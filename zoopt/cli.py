@@ -17,7 +17,10 @@ from typing import Any
 import numpy as np
 
 #: (module, function adding the subparser) of commands that live outside this file.
-EXTERNAL_COMMANDS: list[tuple[str, str]] = []
+EXTERNAL_COMMANDS: list[tuple[str, str]] = [
+    ("zoopt.train_cli", "add_train_parser"),
+    ("oracles.http_service", "add_serve_parser"),
+]
 
 
 def _load_function(spec: str) -> tuple[Callable[..., Any], bool, np.ndarray | None, float | None]:
@@ -153,25 +156,12 @@ def _add_minimize(sub: Any) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default (see README)."""
-    print("zoopt demo: 200-dimensional Rosenbrock, forward CGE with ZO-SGD (momentum 0.9)\n")
-    argv = [
-        "minimize",
-        "rosenbrock",
-        "--dim",
-        "200",
-        "--estimator",
-        "cge",
-        "--mu",
-        "1e-6",
-        "--lr",
-        "2e-3",
-        "--momentum",
-        "0.9",
-        "--maxiter",
-        "3000",
-    ]
-    return _cmd_minimize(build_parser().parse_args(argv))
+    """The main job on the embedded default: DeepZero vs first-order SGD on digits."""
+    from applications.image_classification import main as image_classification
+
+    print("zoopt demo: DeepZero (ZO-GraSP ratios, 90% gradient sparsity, sparse CGE) vs the")
+    print("first-order baseline, small CNN on scikit-learn's 8x8 digits, 20 epochs each.\n")
+    return image_classification(["--out", args.out])
 
 
 def build_parser() -> argparse.ArgumentParser:

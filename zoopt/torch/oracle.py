@@ -1,0 +1,242 @@
+"""A torch model + loss + minibatch as a counted ZO oracle over the flat parameter vector."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..oracle import DEFAULT_MAX_BATCH_BYTES, BaseOracle, OracleError
+from .engine import LossFn, SparseCGEEngine, as_coords, cast_for_loss
+from .params import ParamView, preserved_buffers
+
+
+class ModuleOracle(BaseOracle):
+    """``f(x) = loss_fn(module(inputs), targets)`` with the parameters set to ``x``.
+
+    ``x`` is a flat torch tensor of shape ``(dim,)`` in the parameters' dtype and device
+    (see :attr:`view`). Evaluating never changes the module's parameters, and only
+    :meth:`base_value` (and :meth:`loss_and_grad`) update BatchNorm running statistics; in
+    training mode every query normalizes with its own batch statistics.
+
+    Args:
+        module: the network.
+        loss_fn: ``loss_fn(logits, targets) -> scalar`` batch mean (e.g. ``F.cross_entropy``).
+        inputs, targets: the minibatch (or call :meth:`set_batch` later).
+        engine: serve :meth:`eval_coordinate_steps` with :class:`SparseCGEEngine`
+            (``False``: the base class builds perturbed points and runs full forwards).
+        max_batch_bytes: memory cap for one chunk of queries (engine: activations; base
+            class: perturbed points). ``None``: the engine's per-device default.
+        memory_format: the engine's layout for 4-D activations (see :class:`SparseCGEEngine`);
+            every forward of this oracle uses it so that all values round alike.
+        loss_dtype: dtype the loss is reduced in (default float64, so the loss differences
+            CGE divides by ``mu`` are not rounded to float32); values come back in it.
+        **policy: ``max_queries``, ``on_error``, ``on_nonfinite`` (see :class:`BaseOracle`).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn,
+        inputs: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        *,
+        engine: bool = True,
+        max_batch_bytes: int | None = None,
+        memory_format: str = "auto",
+        loss_dtype: torch.dtype | None = torch.float64,
+        **policy: Any,
+    ):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        view = ParamView(module)
+        super().__init__(
+            view.dim, max_batch_bytes=max_batch_bytes or DEFAULT_MAX_BATCH_BYTES, **policy
+        )
+        self.module = module
+        self.loss_fn = loss_fn
+        self.view = view
+        self.loss_dtype = loss_dtype
+        self.values_dtype = loss_dtype or view.dtype
+        self.engine = (
+            SparseCGEEngine(
+                module,
+                loss_fn,
+                view=view,
+                chunk_bytes=max_batch_bytes,
+                memory_format=memory_format,
+                loss_dtype=loss_dtype,
+            )
+            if engine
+            else None
+        )
+        self.inputs: torch.Tensor | None = None
+        self.targets: torch.Tensor | None = None
+        self.grad_evaluations = 0
+        if inputs is not None or targets is not None:
+            self.set_batch(inputs, targets)
+
+    def __repr__(self) -> str:
+        return (
+            f"ModuleOracle({type(self.module).__name__}, dim={self.dim}, "
+            f"engine={self.engine is not None}, queries={self.queries})"
+        )
+
+    # -- data ---------------------------------------------------------------------------
+    def set_batch(self, inputs: Any, targets: Any) -> None:
+        """Use this minibatch for every following query: ``inputs (B, ...)``, ``targets (B, ...)``."""
+        inputs = _as_tensor(inputs, "inputs").to(self.view.device)
+        targets = _as_tensor(targets, "targets").to(self.view.device)
+        if inputs.ndim < 1 or targets.ndim < 1 or inputs.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"inputs and targets need the same batch size, got shapes {tuple(inputs.shape)} "
+                f"and {tuple(targets.shape)}"
+            )
+        if inputs.shape[0] == 0:
+            raise ValueError("the batch is empty")
+        if inputs.is_floating_point() and inputs.dtype != self.view.dtype:
+            inputs = inputs.to(self.view.dtype)
+        self.inputs = inputs
+        self.targets = targets
+
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.inputs is None or self.targets is None:
+            raise ValueError("no minibatch: call set_batch(inputs, targets) first")
+        return self.inputs, self.targets
+
+    def _model_inputs(self) -> torch.Tensor:
+        inputs, _ = self._batch()
+        return self.engine.format_input(inputs) if self.engine is not None else inputs
+
+    # -- evaluation ---------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(*cast_for_loss(logits, targets, self.loss_dtype))
+
+    def _evaluate(self, X: Any) -> Any:
+        """Loss at each row of ``X`` (``(n, dim)``); running statistics untouched."""
+        _, targets = self._batch()
+        inputs = self._model_inputs()
+        as_numpy = isinstance(X, np.ndarray)
+        Xt = torch.as_tensor(X, device=self.view.device, dtype=self.view.dtype)
+        out = torch.empty(Xt.shape[0], dtype=self.values_dtype, device=self.view.device)
+        saved = self.view.flatten()
+        with torch.no_grad(), preserved_buffers(self.module):
+            try:
+                for i in range(Xt.shape[0]):
+                    self.view.assign(Xt[i])
+                    out[i] = self._loss(self.module(inputs), targets)
+            finally:
+                self.view.assign(saved)
+        return out.cpu().numpy() if as_numpy else out
+
+    def base_value(self, x: torch.Tensor) -> float:
+        """``f(x)``: the unperturbed training forward, which DOES update running statistics.
+
+        Costs one query. With the engine it also fills the engine's per-step cache, so the
+        coordinate queries at the same ``x`` that follow skip their own base forward.
+        """
+        x = self.view.check_flat(x, "x")
+        inputs, targets = self._batch()
+        first = self._charge(1)
+        try:
+            if self.engine is not None:
+                value = self.engine.base_forward(x, inputs, targets, update_stats=True)
+            else:
+                with torch.no_grad(), self.view.loaded(x):
+                    value = float(self._loss(self.module(inputs), targets))
+        except Exception as exc:
+            if self.on_error == "raise":
+                raise OracleError(
+                    f"the model raised on query {first} ({type(exc).__name__}: {exc})"
+                ) from exc
+            value = float("inf")
+        values = self._apply_nonfinite_policy(
+            torch.tensor([value], dtype=self.values_dtype, device=x.device), 1, first, x[None]
+        )
+        self._track_best(values, lambda i: x)
+        return float(values[0])
+
+    def loss_and_grad(
+        self, x: torch.Tensor, *, update_stats: bool = True
+    ) -> tuple[float, torch.Tensor]:
+        """``(f(x), ∇f(x))`` by autograd; the gradient is flat, shape ``(dim,)``.
+
+        For first-order baselines and FO-GraSP. Not counted as a ZO query (counted in
+        ``grad_evaluations``). ``update_stats``: whether this forward updates BatchNorm
+        running statistics (as a first-order training step does).
+        """
+        x = self.view.check_flat(x, "x")
+        _, targets = self._batch()
+        inputs = self._model_inputs()
+        stats = contextlib.nullcontext() if update_stats else preserved_buffers(self.module)
+        with self.view.loaded(x), stats, torch.enable_grad():
+            loss = self._loss(self.module(inputs), targets)
+            grads = torch.autograd.grad(loss, self.view.params, allow_unused=True)
+        flat = torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).reshape(-1)
+                for p, g in zip(self.view.params, grads, strict=True)
+            ]
+        )
+        self.grad_evaluations += 1
+        return float(loss.detach()), flat.detach()
+
+    def eval_coordinate_steps(self, x: Any, coords: Any, step: float) -> Any:
+        """``f(x + step * e_c)`` for each ``c`` in ``coords`` → ``(k,)``; costs ``k`` queries.
+
+        With the engine: all coordinates in one pass of :class:`SparseCGEEngine` (exact);
+        otherwise the base class's chunked full forwards.
+        """
+        if self.engine is None:
+            return super().eval_coordinate_steps(x, coords, step)
+        self._check_point(x)
+        as_numpy = isinstance(x, np.ndarray)
+        xt = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
+        coords_np = as_coords(coords, self.dim)
+        k = int(coords_np.shape[0])
+        inputs, targets = self._batch()
+        first = self._charge(k)
+        try:
+            values = self.engine.coordinate_values(xt, coords_np, step, inputs, targets)
+        except Exception as exc:
+            if self.on_error == "raise":
+                raise OracleError(
+                    f"the model raised on queries {first}..{first + k - 1} ({type(exc).__name__}: {exc})"
+                ) from exc
+            values = self._coordinate_values_rowwise(xt, coords_np, step)
+
+        def point(i: int) -> torch.Tensor:
+            p = xt.clone()
+            p[int(coords_np[i])] += step
+            return p
+
+        values = self._apply_nonfinite_policy(values, k, first, xt[None])
+        self._track_best(values, point)
+        return values.cpu().numpy() if as_numpy else values
+
+    def _coordinate_values_rowwise(
+        self, x: torch.Tensor, coords: np.ndarray, step: float
+    ) -> torch.Tensor:
+        """Under ``on_error='inf'``: one full forward per coordinate, ``+inf`` where it raises."""
+        out = torch.empty(coords.shape[0], dtype=self.values_dtype, device=self.view.device)
+        for i, c in enumerate(coords.tolist()):
+            p = x.clone()
+            p[c] += step
+            try:
+                out[i] = self._evaluate(p[None])[0]
+            except Exception:
+                out[i] = float("inf")
+        return out
+
+
+def _as_tensor(a: Any, name: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(a).__name__}")
