@@ -129,6 +129,7 @@ class Estimator:
         *,
         rng: np.random.Generator | int | None = None,
         fx: float | None = None,
+        **plan_options: Any,
     ) -> Estimate:
         """Estimate ∇f(x) by querying ``oracle``.
 
@@ -137,10 +138,11 @@ class Estimator:
             x: the point, shape ``(d,)`` (numpy, torch or CuPy; the gradient has the same type).
             rng: random generator or seed for random directions (ignored by CGE).
             fx: f(x) if already known; saves one query in forward schemes.
+            plan_options: estimator-specific, e.g. ``coords=`` for :class:`CGE`.
         """
         if getattr(oracle, "dim", x.shape[0]) != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} entries but the oracle has dim={oracle.dim}")
-        plan = self.plan(x, rng=rng, fx=fx)
+        plan = self.plan(x, rng=rng, fx=fx, **plan_options)
         return plan.finish(plan.evaluate(oracle))
 
     def with_mu(self, mu: float) -> Estimator:
@@ -352,21 +354,6 @@ class CGE(Estimator):
         return QueryPlan(
             x=x, n=n, points=points, finish=finish, coord_steps=steps, includes_base=need_base
         )
-
-    def estimate(
-        self,
-        oracle: BaseOracle,
-        x: Array,
-        *,
-        rng: np.random.Generator | int | None = None,
-        fx: float | None = None,
-        coords: Any = None,
-    ) -> Estimate:
-        """Estimate ∇f(x) on the coordinates ``coords`` (default: the estimator's set, or all)."""
-        if getattr(oracle, "dim", x.shape[0]) != x.shape[0]:
-            raise ValueError(f"x has {x.shape[0]} entries but the oracle has dim={oracle.dim}")
-        plan = self.plan(x, rng=rng, fx=fx, coords=coords)
-        return plan.finish(plan.evaluate(oracle))
 
 
 def make_estimator(name: str, **kwargs: Any) -> Estimator:

@@ -24,7 +24,35 @@ def _to_tensor(
     return torch.as_tensor(a, device=device, dtype=dtype)
 
 
-class ClassificationTask:
+class ModuleTaskMixin:
+    """The parameter and buffer plumbing every task over an ``nn.Module`` shares.
+
+    Needs ``self.oracle`` (with ``.view``, a :class:`~zoopt.torch.ParamView`) and
+    ``self.model`` (whose buffers, e.g. BatchNorm running statistics, go into checkpoints).
+    """
+
+    oracle: ModuleOracle
+    model: nn.Module
+
+    def parameters_vector(self) -> torch.Tensor:
+        return self.oracle.view.flatten()
+
+    def load_vector(self, x: torch.Tensor) -> None:
+        self.oracle.view.assign(x)
+
+    def buffers_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.named_buffers()}
+
+    def load_buffers_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.model.named_buffers())
+        missing = set(state) - set(own)
+        if missing:
+            raise KeyError(f"checkpoint buffers not in the model: {sorted(missing)}")
+        for k, v in state.items():
+            own[k].copy_(v.to(own[k].device))
+
+
+class ClassificationTask(ModuleTaskMixin):
     """Image classification with cross-entropy.
 
     Args:
@@ -69,21 +97,6 @@ class ClassificationTask:
         kwargs = {} if max_batch_bytes is None else {"max_batch_bytes": max_batch_bytes}
         self.oracle = ModuleOracle(self.model, F.cross_entropy, **kwargs)
         self.groups = self.oracle.view.groups
-
-    # -- parameters -----------------------------------------------------------------
-    def parameters_vector(self) -> torch.Tensor:
-        return self.oracle.view.flatten()
-
-    def load_vector(self, x: torch.Tensor) -> None:
-        self.oracle.view.assign(x)
-
-    def buffers_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.named_buffers()}
-
-    def load_buffers_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.model.named_buffers())
-        for k, v in state.items():
-            own[k].copy_(v.to(own[k].device))
 
     # -- data -----------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
