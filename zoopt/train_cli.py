@@ -54,6 +54,15 @@ def add_train_parser(sub: Any) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="forward parallelization over N Dask worker processes (local cluster)",
+    )
+    p.add_argument(
+        "--scheduler", default=None, help="use an existing Dask cluster, e.g. tcp://host:8786"
+    )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
@@ -130,6 +139,8 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    import contextlib
+
     from .torch.train import Trainer
 
     config = config_from_args(args)
@@ -138,8 +149,16 @@ def run_train(args: argparse.Namespace) -> int:
         f"zoopt train: {args.method} on {args.dataset} with {args.model} "
         f"({info['parameters']} parameters) -> {args.out}"
     )
-    trainer = Trainer(task, config, args.out, resume=args.resume, extra_summary=info)
-    summary = trainer.fit()
+    scale: Any = contextlib.nullcontext()
+    if args.workers is not None or args.scheduler is not None:
+        from .distributed import distributed_training
+
+        scale = distributed_training(task, workers=args.workers, scheduler=args.scheduler)
+        info["workers"] = args.workers
+    with scale:
+        # built inside: a resumed query count must land on the distributed oracle
+        trainer = Trainer(task, config, args.out, resume=args.resume, extra_summary=info)
+        summary = trainer.fit()
     keys = ("method", "sparsity", "test_accuracy", "queries", "wall_seconds", "epochs_completed")
     print(json.dumps({k: summary.get(k) for k in keys}))
     return 0

@@ -1,0 +1,440 @@
+"""Forward parallelization on a real Dask LocalCluster (two worker processes, one thread each).
+
+Oracles are built on the workers from factories defined in this module; cloudpickle ships
+them by value, so the workers need not import the test module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from functools import partial
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("distributed")
+import cloudpickle  # noqa: E402
+
+import zoopt  # noqa: E402
+from zoopt.distributed import (  # noqa: E402
+    DistributedOracle,
+    OracleTimeout,
+    connect,
+    split_by_cost,
+)
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+DIM = 40
+
+
+# -- factories (run on the workers) ---------------------------------------------------------
+
+
+def _quadratic(X: np.ndarray, A: np.ndarray, delay: float) -> np.ndarray:
+    if delay:
+        time.sleep(delay * X.shape[0])
+    return np.einsum("nd,de,ne->n", X, A, X) + np.sin(X).sum(axis=1)
+
+
+def quadratic_oracle(dim: int = DIM, seed: int = 0, delay: float = 0.0) -> zoopt.BaseOracle:
+    """f(x) = x'Ax + sum(sin x) with a fixed random A; ``delay`` seconds of sleep per query."""
+    r = np.random.default_rng(seed)
+    A = r.standard_normal((dim, dim)) / dim
+    return zoopt.as_oracle(partial(_quadratic, A=A, delay=delay), dim=dim, batched=True)
+
+
+def _fails_on_large_first_coordinate(X: np.ndarray) -> np.ndarray:
+    if np.any(X[:, 0] > 10):
+        raise ZeroDivisionError("first coordinate too large")
+    return (X**2).sum(axis=1)
+
+
+def failing_oracle(on_error: str = "raise") -> zoopt.BaseOracle:
+    return zoopt.as_oracle(
+        _fails_on_large_first_coordinate, dim=DIM, batched=True, on_error=on_error
+    )
+
+
+class StagedSleepOracle(zoopt.BaseOracle):
+    """Coordinates in [0, 20) cost 4 ms per query, [20, 40) cost 1 ms (like early vs late
+    stages of a network); values are sum(x**2)."""
+
+    groups = [(0, 20), (20, 40)]
+
+    def __init__(self) -> None:
+        super().__init__(DIM)
+
+    def _evaluate(self, X):
+        return (X**2).sum(axis=1)
+
+    def eval_coordinate_steps(self, x, coords, step):
+        coords = np.asarray(coords)
+        time.sleep(0.004 * np.sum(coords < 20) + 0.001 * np.sum(coords >= 20))
+        self.queries += coords.size
+        base = float((x**2).sum())
+        return base + 2 * step * x[coords] + step**2
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client():
+    with connect(2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def quad(client):
+    with DistributedOracle(quadratic_oracle, client) as o:
+        yield o
+
+
+def _x(seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(DIM)
+
+
+# -- exactness ------------------------------------------------------------------------------
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    coords=st.lists(st.integers(0, DIM - 1), unique=True, max_size=DIM),
+    step=st.floats(-1.0, 1.0).filter(lambda s: abs(s) > 1e-6),
+)
+def test_coordinate_steps_equal_single_process_in_caller_order(quad, coords, step):
+    x = _x()
+    single = quadratic_oracle()
+    want = single.eval_coordinate_steps(x, np.array(coords, dtype=np.int64), step)
+    got = quad.eval_coordinate_steps(x, np.array(coords, dtype=np.int64), step)
+    assert got.shape == (len(coords),)
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("scheme", ["forward", "central"])
+def test_sparse_cge_gradient_equals_single_process(client, scheme):
+    coords = np.arange(0, DIM, 3)
+    est = zoopt.CGE(mu=1e-3, scheme=scheme)
+    with DistributedOracle(quadratic_oracle, client) as o:
+        got = est.estimate(o, _x(), coords=coords)
+        assert (
+            o.queries
+            == got.queries
+            == zoopt.CGE(scheme=scheme, coords=coords).queries_per_step(DIM)
+        )
+        assert sum(o.last_call["chunk_sizes"]) == coords.size
+        assert len(o.last_call["chunk_sizes"]) == 2  # both workers got a share
+    want = est.estimate(quadratic_oracle(), _x(), coords=coords)
+    np.testing.assert_allclose(got.grad, want.grad, rtol=1e-12, atol=1e-12)
+    assert (got.fx is None) == (want.fx is None)
+    if want.fx is not None:
+        assert got.fx == pytest.approx(want.fx, rel=1e-13)
+
+
+def test_batch_splits_rows_and_counts_queries(quad):
+    X = np.random.default_rng(2).standard_normal((7, DIM))
+    before = quad.queries
+    got = quad.batch(X)
+    np.testing.assert_allclose(got, quadratic_oracle().batch(X), rtol=1e-13)
+    assert quad.queries - before == 7
+    assert quad.last_call["chunk_sizes"] == [4, 3]
+    assert quad.best_f == pytest.approx(float(got.min()))
+    with pytest.raises(ValueError, match=r"shape \(n, 40\)"):
+        quad.batch(np.zeros((2, 3)))
+
+
+# -- budget and errors ----------------------------------------------------------------------
+
+
+def test_budget_is_enforced_at_the_client_before_any_work(client):
+    with DistributedOracle(quadratic_oracle, client, max_queries=10) as o:
+        o.eval_coordinate_steps(_x(), np.arange(6), 0.1)
+        evaluated = o.worker_queries()
+        with pytest.raises(zoopt.BudgetExceeded) as info:
+            o.eval_coordinate_steps(_x(), np.arange(5), 0.1)
+        assert info.value.queries == 6 and info.value.max_queries == 10
+        assert o.worker_queries() == evaluated == 6  # nothing of the refused call ran
+        assert o.remaining == 4
+
+
+def test_worker_exception_becomes_oracle_error_naming_the_queries(client):
+    x = np.zeros(DIM)
+    with DistributedOracle(failing_oracle, client) as o:
+        with pytest.raises(zoopt.OracleError, match=r"queries 0\.\.3 .*ZeroDivisionError"):
+            o.eval_coordinate_steps(x, np.arange(4), 20.0)
+    with DistributedOracle(failing_oracle, client, on_error="inf") as o:
+        got = o.eval_coordinate_steps(x, np.array([3, 0, 5]), 20.0)
+    np.testing.assert_array_equal(got, [400.0, math.inf, 400.0])
+
+
+def test_bad_arguments_are_named(client, quad):
+    with pytest.raises(TypeError, match="factory must be a callable"):
+        DistributedOracle(42, client)
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="must be picklable"):
+        DistributedOracle(lambda: (lock, quadratic_oracle())[1], client)
+    with pytest.raises(ValueError, match="balance must be"):
+        DistributedOracle(quadratic_oracle, client, balance="fast")
+    with pytest.raises(ValueError, match="timeout must be"):
+        DistributedOracle(quadratic_oracle, client, timeout=-1)
+    with pytest.raises(ValueError, match="needs parameter groups"):
+        DistributedOracle(quadratic_oracle, client, balance="cost")
+    with pytest.raises(ValueError, match="groups overlap at index 5"):
+        DistributedOracle(quadratic_oracle, client, groups=[(0, 10), (5, 20)])
+    with pytest.raises(TypeError, match="no set_batch"):
+        quad.set_batch(np.zeros(3))
+    with pytest.raises(ValueError, match="out of range for dim=40: index 40"):
+        quad.eval_coordinate_steps(_x(), np.array([1, 40]), 0.1)
+    with pytest.raises(ValueError, match="integer indices"):
+        quad.eval_coordinate_steps(_x(), np.array([0.5]), 0.1)
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        connect(workers=0)
+    with pytest.raises(ValueError, match="scheduler must be an address"):
+        connect(scheduler="localhost")
+
+
+# -- faults and timeouts --------------------------------------------------------------------
+
+
+def _processing_workers(client) -> list[str]:
+    return [w for w, keys in client.processing().items() if keys]
+
+
+def test_worker_killed_mid_step_still_gives_the_same_values(client):
+    x, coords = _x(3), np.arange(16)
+    want = quadratic_oracle().eval_coordinate_steps(x, coords, 0.01)
+    result: dict = {}
+    # 0.1 s per query: each worker is busy for 0.8 s with its half of the step
+    with DistributedOracle(partial(quadratic_oracle, delay=0.1), client) as o:
+
+        def step():
+            try:
+                result["values"] = o.eval_coordinate_steps(x, coords, 0.01)
+            except BaseException as exc:  # pragma: no cover - reported below
+                result["error"] = exc
+
+        thread = threading.Thread(target=step)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while len(_processing_workers(client)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        busy = _processing_workers(client)
+        assert len(busy) == 2, "both workers should be running a share of the step"
+        pid = client.run(os.getpid, workers=[busy[0]])[busy[0]]
+        os.kill(pid, signal.SIGKILL)  # a hard crash of one worker process
+        thread.join(timeout=90)
+        assert not thread.is_alive(), "the step hung after a worker died"
+        assert "error" not in result, result.get("error")
+        assert o.queries == 16
+    np.testing.assert_allclose(result["values"], want, rtol=1e-13)
+    client.wait_for_workers(2, timeout=60)  # the nanny restarts it; later tests want two
+
+
+def test_timeout_is_a_clear_error(client):
+    with DistributedOracle(partial(quadratic_oracle, delay=0.3), client, timeout=0.2) as o:
+        with pytest.raises(OracleTimeout, match=r"timeout=0\.2 s") as info:
+            o.eval_coordinate_steps(_x(), np.arange(4), 0.1)
+    assert isinstance(info.value, TimeoutError) and isinstance(info.value, zoopt.OracleError)
+
+
+# -- load balancing -------------------------------------------------------------------------
+
+
+def test_measured_costs_give_the_expensive_group_fewer_coordinates(client):
+    x = _x()
+    with DistributedOracle(StagedSleepOracle, client, probe_coords=2) as o:
+        assert o.balance == "cost"  # groups read from the oracle
+        o.eval_coordinate_steps(x, np.arange(20, DIM), 0.1)  # only the cheap group: probed
+        probed = o.calibration_queries
+        assert probed == 2 * 2  # best of two runs of 2 coordinates
+        assert np.isnan(o.group_costs.per_coord[0])
+        got = o.eval_coordinate_steps(x, np.arange(DIM), 0.1)  # the new group gets probed
+        assert o.calibration_queries == 2 * probed
+        costs = o.group_costs.per_coord
+        assert costs[0] > 2 * costs[1]  # 4 ms vs 1 ms per query
+        first, second = o.last_call["chunk_sizes"]
+        assert first < second  # the expensive coordinates [0, 20) are split over fewer
+        o.eval_coordinate_steps(x, np.arange(1, DIM), 0.1)  # seen groups: timed in the call
+        assert o.calibration_queries == 2 * probed
+        assert o.queries == 20 + DIM + DIM - 1  # probes are counted apart, never charged
+    want = StagedSleepOracle().eval_coordinate_steps(x, np.arange(DIM), 0.1)
+    np.testing.assert_allclose(got, want)
+
+
+def test_group_costs_blend_in_new_timings():
+    from zoopt.distributed import GroupCosts
+
+    costs = GroupCosts(np.array([0, 10, 30]), np.array([10, 30, 40]), np.array([2.0, np.nan, 5.0]))
+    costs = costs.updated([(2, 1, 9.0)], weight=1.0, provisional=True)  # a probe
+    new = costs.updated([(0, 4, 4.0), (1, 2, 1.0), (1, 3, 2.0), (2, 4, 4.0)], weight=0.5)
+    # blended: 0.5*2 + 0.5*1; first seen: 3/5; a provisional probe value is replaced: 4/4
+    np.testing.assert_allclose(new.per_coord, [1.5, 0.6, 1.0])
+    assert not new.provisional.any()
+    np.testing.assert_array_equal(new.group_of(np.array([0, 9, 10, 39, 40])), [0, 0, 1, 2, -1])
+    np.testing.assert_allclose(new.coordinate_costs(np.array([3, 12, 45])), [1.5, 0.6, 3.1 / 3])
+
+
+@given(
+    costs=st.lists(st.floats(0.0, 10.0), min_size=1, max_size=60),
+    parts=st.integers(1, 6),
+)
+def test_split_by_cost_is_contiguous_and_balanced(costs, parts):
+    costs = np.array(costs)
+    coords = np.arange(costs.size) * 3
+    chunks = split_by_cost(coords, costs, parts)
+    assert 1 <= len(chunks) <= parts
+    assert all(c.size for c in chunks)
+    np.testing.assert_array_equal(np.concatenate(chunks), coords)
+    if costs.sum() > 0:
+        target = costs.sum() / min(parts, costs.size)
+        position = 0
+        for c in chunks:
+            chunk_cost = costs[position : position + c.size].sum()
+            assert abs(chunk_cost - target) <= costs.max() + 1e-9
+            position += c.size
+    else:
+        assert len(chunks) == min(parts, costs.size)
+
+
+def test_split_by_cost_rejects_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        split_by_cost(np.arange(3), np.ones(2), 2)
+    with pytest.raises(ValueError, match="parts must be a positive integer"):
+        split_by_cost(np.arange(3), np.ones(3), 0)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        split_by_cost(np.arange(3), np.array([1.0, -1.0, 1.0]), 2)
+
+
+# -- cluster handling -----------------------------------------------------------------------
+
+
+def test_connect_to_an_existing_cluster_by_address(client):
+    address = client.scheduler.address
+    with connect(workers=2, scheduler=address) as other:
+        assert len(other.scheduler_info()["workers"]) == 2
+        with DistributedOracle(quadratic_oracle, other) as o:
+            np.testing.assert_allclose(
+                o.eval_coordinate_steps(_x(), np.arange(4), 0.1),
+                quadratic_oracle().eval_coordinate_steps(_x(), np.arange(4), 0.1),
+            )
+    assert client.status == "running"  # closing a client by address leaves the cluster up
+
+
+# -- torch models ---------------------------------------------------------------------------
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _small_cnn_oracle(training: bool = True):
+    from zoopt.torch.models import SmallCNN
+    from zoopt.torch.oracle import ModuleOracle
+
+    torch.manual_seed(0)
+    return ModuleOracle(SmallCNN().train(training), F.cross_entropy)
+
+
+def _digits_like_batch(n: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def _float32_grad_tolerance(values: torch.Tensor, mu: float) -> float:
+    # Workers run torch with one thread, which may round a value differently by an ulp or
+    # two from a multi-threaded run; a forward difference divides that by mu.
+    return 4 * torch.finfo(torch.float32).eps * float(values.abs().max()) / mu
+
+
+def test_torch_model_with_batchnorm_gradient_equals_single_process(client):
+    from zoopt.distributed import ModuleOracleFactory
+
+    local, single = _small_cnn_oracle(), _small_cnn_oracle()
+    coords = np.sort(np.random.default_rng(0).choice(local.dim, 300, replace=False))
+    x, mu = local.view.flatten(), 5e-3
+    with DistributedOracle(ModuleOracleFactory.from_oracle(local), client, local=local) as o:
+        assert o.balance == "cost"  # groups come from the ModuleOracle's ParamView
+        for oracle in (o, single):
+            oracle.set_batch(*_digits_like_batch())
+        fx, fs = o.base_value(x), single.base_value(x)
+        assert fx == fs and o.queries == 1
+        got = zoopt.CGE(mu=mu).estimate(o, x, fx=fx, coords=coords)
+        want = zoopt.CGE(mu=mu).estimate(single, x, fx=fs, coords=coords)
+        assert o.queries == single.queries == 1 + coords.size
+        # BN running statistics were updated once, by the local base forward only
+        for (name, a), b in zip(local.module.named_buffers(), single.module.buffers(), strict=True):
+            assert torch.equal(a, b), name
+        o.set_batch(*_digits_like_batch(seed=1))  # a new batch reaches the workers
+        single.set_batch(*_digits_like_batch(seed=1))
+        v = o.eval_coordinate_steps(x, coords[:50], mu)
+        w = single.eval_coordinate_steps(x, coords[:50], mu)
+    assert isinstance(got.grad, torch.Tensor) and got.grad.dtype == torch.float32
+    tol = _float32_grad_tolerance(torch.tensor([fs]), mu)
+    torch.testing.assert_close(got.grad, want.grad, atol=tol, rtol=0)
+    torch.testing.assert_close(v, w, atol=1e-6, rtol=1e-6)
+
+
+def test_worker_replicas_see_the_local_batchnorm_buffers(client):
+    """In eval mode BN uses running statistics: workers must use the client's current ones."""
+    from zoopt.distributed import ModuleOracleFactory
+
+    local = _small_cnn_oracle(training=False)
+    coords, x, mu = np.arange(0, 200, 7), local.view.flatten(), 1e-2
+    with DistributedOracle(ModuleOracleFactory.from_oracle(local), client, local=local) as o:
+        o.set_batch(*_digits_like_batch())
+        stale = o.eval_coordinate_steps(x, coords, mu)
+        with torch.no_grad():  # e.g. a base forward in training mode moved the statistics
+            for name, b in local.module.named_buffers():
+                if "running" in name:
+                    b.mul_(1.5).add_(0.3)
+        got = o.eval_coordinate_steps(x, coords, mu)
+    single = _small_cnn_oracle(training=False)
+    single.module.load_state_dict(local.module.state_dict())
+    single.set_batch(*_digits_like_batch())
+    want = single.eval_coordinate_steps(x, coords, mu)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert float((stale - want).abs().max()) > 1e-3  # the change mattered
+
+
+def test_distributed_training_trains_like_the_single_process_trainer(client, tmp_path):
+    from zoopt.distributed import distributed_training
+    from zoopt.torch.models import SmallCNN
+    from zoopt.torch.tasks import ClassificationTask
+    from zoopt.torch.train import TrainConfig, Trainer
+
+    r = np.random.default_rng(0)
+    data = (r.standard_normal((64, 1, 8, 8)).astype(np.float32), r.integers(0, 10, 64))
+    config = TrainConfig(
+        method="deepzero", epochs=1, max_steps_per_epoch=2, ratios="uniform", sparsity=0.9,
+        progress=False, plots=False,
+    )  # fmt: skip
+
+    def make_task():
+        torch.manual_seed(0)
+        return ClassificationTask(SmallCNN(), data, data, batch_size=32)
+
+    single = make_task()
+    single_trainer = Trainer(single, config, tmp_path / "single")
+    want = single_trainer.fit()
+
+    task = make_task()
+    own_oracle = task.oracle
+    # the CLI path: --scheduler tcp://... (here: the test cluster's address)
+    with distributed_training(task, scheduler=client.scheduler.address) as oracle:
+        assert task.oracle is oracle and oracle.local is own_oracle
+        trainer = Trainer(task, config, tmp_path / "distributed")
+        got = trainer.fit()
+        assert oracle.last_call["what"] == "coordinate steps"
+        assert len(oracle.last_call["chunk_sizes"]) == 2
+    assert task.oracle is own_oracle and own_oracle.queries == got["queries"]
+    assert got["queries"] == want["queries"] > 0
+    torch.testing.assert_close(trainer.x, single_trainer.x, atol=1e-5, rtol=0)
+    for name, value in single.buffers_state().items():
+        torch.testing.assert_close(task.buffers_state()[name], value, atol=1e-5, rtol=1e-5)
