@@ -438,3 +438,44 @@ def test_distributed_training_trains_like_the_single_process_trainer(client, tmp
     torch.testing.assert_close(trainer.x, single_trainer.x, atol=1e-5, rtol=0)
     for name, value in single.buffers_state().items():
         torch.testing.assert_close(task.buffers_state()[name], value, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_train_workers_2_matches_workers_1(tmp_path):
+    """`zoopt train --workers 2` takes the same first step as `--workers 1`, end to end."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    xs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        cmd = [
+            sys.executable,
+            "-m",
+            "zoopt.cli",
+            "train",
+            "--dataset",
+            "digits",
+            "--method",
+            "deepzero",
+            "--workers",
+            str(workers),
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--grasp-q",
+            "16",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        xs.append(torch.load(out / "checkpoint.pt", weights_only=False)["x"])
+    assert torch.allclose(xs[0], xs[1], rtol=0, atol=1e-6)
