@@ -42,7 +42,7 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Default cap (bytes) on the activations of one chunk of queries, by device type. The CPU
 #: value was picked by measurement (see docs/engine.md); the CUDA value is unmeasured.
-DEFAULT_CHUNK_BYTES = {"cpu": 32 * 2**20, "cuda": 1024 * 2**20}
+DEFAULT_CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1024 * 2**20}
 
 #: Live copies of the widest activation per query a chunk needs at once (input, output, temp).
 _LIVE_FACTOR = 3
@@ -194,13 +194,15 @@ def _rule_conv2d(ch: _Chunk, node: fx.Node, m: nn.Conv2d, vals: list[Value]) -> 
     v = vals[0]
     if isinstance(v, Dense):
         return Dense(m(v.values))
-    if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+    if not _conv_fast(m):
         return Dense(m(ch.dense(v, node.args[0])))
-    # conv(base + delta) = conv(base) + conv_without_bias(delta); each query's delta lives in
-    # one input channel, so all Q contributions are one Q-group conv with 1 input channel.
+    # conv(base + delta) = conv(base) + conv_without_bias(delta), and each query's delta lives
+    # in one input channel: its contribution costs 1/C_in of a conv.
     base_in = ch.cached(node.args[0])
     base_out = ch.cached(node)
     delta = v.values - base_in[:, v.channels]  # (B, Q, H, W)
+    if ch.engine.memory_format == "channels_last":
+        return Dense(_one_channel_conv_cl(m, delta, v.channels, base_out))
     weight = m.weight[:, v.channels].transpose(0, 1)  # (Q, C_out, kh, kw)
     c_out = weight.shape[1]
     weight = weight.reshape(ch.Q * c_out, 1, *weight.shape[2:])
@@ -209,6 +211,34 @@ def _rule_conv2d(ch: _Chunk, node: fx.Node, m: nn.Conv2d, vals: list[Value]) -> 
     out = ch.engine._empty((ch.Q * ch.B, *base_out.shape[1:]), base_out)
     torch.add(contrib, base_out.unsqueeze(0), out=out.view(ch.Q, ch.B, *base_out.shape[1:]))
     return Dense(out)
+
+
+def _one_channel_conv_cl(
+    m: nn.Conv2d, delta: torch.Tensor, channels: torch.Tensor, base_out: torch.Tensor
+) -> torch.Tensor:
+    """``base_out + conv(delta_q placed in channel channels[q])`` for every query q.
+
+    ``delta``: ``(B, Q, H, W)``. Returns ``(Q * B, C_out, Ho, Wo)`` in channels-last layout,
+    computed as one batched matmul of the ``kh * kw`` shifted copies of each delta with that
+    channel's filter taps: ``(Q, B·Ho·Wo, kh·kw) @ (Q, kh·kw, C_out)`` is already the
+    channels-last memory order of the result.
+    """
+    b, q = delta.shape[:2]
+    c_out, _, kh, kw = m.weight.shape
+    ho, wo = base_out.shape[2:]
+    (sh, sw), (dh, dw), (ph, pw) = m.stride, m.dilation, m.padding
+    padded = F.pad(delta.transpose(0, 1), (pw, pw, ph, ph))  # (Q, B, H + 2ph, W + 2pw)
+    taps = torch.empty((q, b, ho, wo, kh * kw), dtype=delta.dtype, device=delta.device)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            taps[..., i * kw + j] = padded[:, :, rows, cols]
+    weight = m.weight[:, channels].permute(1, 2, 3, 0).reshape(q, kh * kw, c_out)
+    out = torch.bmm(taps.view(q, b * ho * wo, kh * kw), weight)  # (Q, B*Ho*Wo, C_out)
+    out5 = out.view(q, b, ho, wo, c_out)
+    out5.add_(base_out.permute(0, 2, 3, 1).unsqueeze(0))
+    return out5.view(q * b, ho, wo, c_out).permute(0, 3, 1, 2)  # channels-last strides
 
 
 def _rule_linear(ch: _Chunk, node: fx.Node, m: nn.Linear, vals: list[Value]) -> Value:
@@ -239,8 +269,10 @@ def _bn_channels(
     """BatchNorm of ``x`` = ``(B, Q, *rest)`` whose channel ``q`` is channel ``channels[q]``.
 
     Training mode: each of the Q channels gets its own batch statistics, exactly as the
-    per-query forward computes them for that channel.
+    per-query forward computes them for that channel. (Computed in the contiguous layout:
+    see :func:`_bn_per_query` on the channels-last kernel's rounding.)
     """
+    x = x.contiguous()
     if _bn_training(m):
         return F.batch_norm(x, None, None, weight, bias, True, 0.0, m.eps)
     return F.batch_norm(
@@ -252,26 +284,38 @@ def _gather(p: torch.Tensor | None, channels: torch.Tensor) -> torch.Tensor | No
     return None if p is None else p[channels]
 
 
-_NATIVE_BN_OUT = getattr(getattr(torch.ops.aten, "native_batch_norm", None), "out", None)
-
-
 def _bn_per_query(
-    m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, out: torch.Tensor, q: int
-) -> None:
-    """Training-mode BatchNorm of ``x`` = ``(Q * B, C, ...)`` with statistics per query."""
-    b = x.shape[0] // q
+    m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, q: int, overwrite: bool
+) -> torch.Tensor:
+    """Training-mode BatchNorm of ``x`` = ``(Q * B, C, ...)`` with statistics per query.
+
+    Channels-innermost layouts (channels-last 4-D, plain 2-D) get one vectorized two-pass
+    computation over the ``(Q, B·H·W, C)`` view: torch's own channels-last CPU kernel
+    computes the variance with a much larger rounding error (1e-5 relative for inputs whose
+    mean is a few standard deviations, vs 1e-6 here), which is coherent over a channel and
+    would swamp the tiny loss differences CGE takes. Other layouts: the native kernel per
+    query.
+    """
     c = x.shape[1]
-    mean = torch.empty(c, dtype=x.dtype, device=x.device)
-    invstd = torch.empty_like(mean)
-    for i in range(q):
-        sl = slice(i * b, (i + 1) * b)
-        if _NATIVE_BN_OUT is not None:
-            _NATIVE_BN_OUT(
-                x[sl], m.weight, m.bias, None, None, True, 0.0, m.eps,
-                out=out[sl], save_mean=mean, save_invstd=invstd,
-            )  # fmt: skip
-        else:  # pragma: no cover - older torch
-            out[sl] = F.batch_norm(x[sl], None, None, m.weight, m.bias, True, 0.0, m.eps)
+    weight, bias = m.weight, m.bias
+    if x.stride(1) == 1:
+        xl = x.movedim(1, -1)  # (Q*B, *spatial, C), contiguous
+        x3 = xl.reshape(q, -1, c)
+        mean = x3.mean(1, keepdim=True)
+        var = (x3 - mean).square_().mean(1, keepdim=True)
+        scale = torch.rsqrt(var.add_(m.eps))
+        if weight is not None:
+            scale = scale * weight
+        shift = -mean * scale if bias is None else bias - mean * scale
+        out = torch.addcmul(shift, x3, scale, out=x3 if overwrite else None)
+        return out.view(xl.shape).movedim(-1, 1)
+    b = x.shape[0] // q
+    return torch.cat(
+        [
+            F.batch_norm(x[i * b : (i + 1) * b], None, None, weight, bias, True, 0.0, m.eps)
+            for i in range(q)
+        ]
+    )
 
 
 def _rule_batchnorm(
@@ -286,9 +330,12 @@ def _rule_batchnorm(
         return Dense(
             F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
         )
-    out = x if ch.exclusive(node.args[0]) else torch.empty_like(x)
-    _bn_per_query(m, x, out, ch.Q)
-    return Dense(out)
+    return Dense(_bn_per_query(m, x, ch.Q, overwrite=ch.exclusive(node.args[0])))
+
+
+def _rule_per_sample(ch: _Chunk, node: fx.Node, m: nn.Module, vals: list[Value]) -> Value:
+    """A module acting on each sample alone: run it once on the whole ``Q * B`` batch."""
+    return Dense(m(ch.dense(vals[0], node.args[0])))
 
 
 def _rule_pad_shortcut(ch: _Chunk, node: fx.Node, m: PadShortcut, vals: list[Value]) -> Value:
@@ -371,6 +418,11 @@ _POOL_MODULES: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 
 
+_PER_SAMPLE_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm, nn.Upsample,
+)  # fmt: skip
+
+
 def _module_rule(m: nn.Module) -> Rule:
     if isinstance(m, nn.Conv2d):
         return _rule_conv2d
@@ -390,6 +442,8 @@ def _module_rule(m: nn.Module) -> Rule:
         return _module_flatten
     if isinstance(m, PadShortcut):
         return _rule_pad_shortcut
+    if isinstance(m, _PER_SAMPLE_MODULES):
+        return _rule_per_sample
     return _generic
 
 
@@ -492,6 +546,17 @@ def _trace_stage(stage: nn.Module) -> _Stage:
     return _Stage(stage, nodes, modules, {n: i for i, n in enumerate(nodes)}, traced)
 
 
+def _is_channels_last_bn(m: Any, args: tuple) -> bool:
+    x = args[0] if args else None
+    return (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and isinstance(x, torch.Tensor)
+        and x.ndim == 4
+        and not x.is_contiguous()
+        and x.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _run_base(stage: _Stage, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Node, Any]]:
     """The unperturbed forward of one stage, recording every node's value (no mutation)."""
     env: dict[fx.Node, Any] = {}
@@ -507,10 +572,16 @@ def _run_base(stage: _Stage, x: torch.Tensor) -> tuple[torch.Tensor, dict[fx.Nod
         elif node.op == "output":
             out = fx.node.map_arg(node.args[0], env.__getitem__)
         else:
-            fn = _callable_of(node, stage.modules.get(node))
+            m = stage.modules.get(node)
+            fn = _callable_of(node, m)
             args = fx.node.map_arg(node.args, env.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-            env[node] = fn(*args, **kwargs)
+            if _is_channels_last_bn(m, args):  # the channels-last kernel rounds coarsely
+                first = args[0].contiguous()
+                out_bn = fn(first, *args[1:], **kwargs)
+                env[node] = out_bn.contiguous(memory_format=torch.channels_last)
+            else:
+                env[node] = fn(*args, **kwargs)
     if not isinstance(out, torch.Tensor):
         raise TypeError(
             f"each stage must return one tensor; {type(stage.module).__name__} does not"
@@ -582,8 +653,13 @@ def cast_for_loss(
 
 
 def _per_query_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """``(logits (Q*B, ...), targets (B, ...), Q) -> (Q,)`` losses, each a batch mean."""
+    """``(logits (Q*B, ...), targets (B, ...), Q) -> (Q,)`` losses, each a batch mean.
+
+    Cross-entropy (``F.cross_entropy`` or an unweighted mean ``nn.CrossEntropyLoss``) runs
+    once for all queries; any other loss is called once per query.
+    """
     ce_kwargs: dict[str, Any] | None = None
+    ignore_index = -100
     if loss_fn is F.cross_entropy:
         ce_kwargs = {}
     elif (
@@ -592,7 +668,7 @@ def _per_query_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor, in
         and loss_fn.reduction == "mean"
     ):
         ce_kwargs = {"label_smoothing": loss_fn.label_smoothing}
-        ignore = loss_fn.ignore_index
+        ignore_index = loss_fn.ignore_index
 
     def looped(logits: torch.Tensor, targets: torch.Tensor, q: int) -> torch.Tensor:
         b = logits.shape[0] // q
@@ -604,7 +680,7 @@ def _per_query_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor, in
         return looped
 
     def vectorized(logits: torch.Tensor, targets: torch.Tensor, q: int) -> torch.Tensor:
-        if ce_kwargs and not targets.is_floating_point() and bool((targets == ignore).any()):
+        if not targets.is_floating_point() and bool((targets == ignore_index).any()):
             return looped(logits, targets, q)  # ignored samples change the mean's denominator
         reps = (q,) + (1,) * (targets.ndim - 1)
         per_sample = F.cross_entropy(logits, targets.repeat(reps), reduction="none", **ce_kwargs)
@@ -644,7 +720,8 @@ class SparseCGEEngine:
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         if memory_format not in ("auto", "channels_last", "contiguous"):
             raise ValueError(
-                f"memory_format must be 'auto', 'channels_last' or 'contiguous', got {memory_format!r}"
+                "memory_format must be 'auto', 'channels_last' or 'contiguous', "
+                f"got {memory_format!r}"
             )
         if chunk_bytes is not None and (not isinstance(chunk_bytes, int) or chunk_bytes <= 0):
             raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
@@ -668,7 +745,7 @@ class SparseCGEEngine:
         self._buffers: list[torch.Tensor] = []
         self._cache: list[dict[fx.Node, Any]] = []
         self._batch_size = 0
-        self.stats = {"chunks": 0, "queries": 0, "slow_path_queries": 0}
+        self.stats = {"cache_builds": 0, "chunks": 0, "queries": 0, "slow_path_queries": 0}
 
     # -- public -------------------------------------------------------------------------
     def coordinate_values(
@@ -742,6 +819,18 @@ class SparseCGEEngine:
                     self._prepare(x, inputs, targets)
         return self.base_loss
 
+    def forward_loss(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """``f(x)`` computed exactly as the engine's base forward, without caching anything.
+
+        Parameters and buffers are unchanged afterwards.
+        """
+        x = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
+        with torch.no_grad(), preserved_buffers(self.module), self.view.loaded(x):
+            h = self.format_input(inputs.to(self.view.device))
+            for st in self.stages:
+                h, _ = _run_base(st, h)
+            return float(self.loss_fn(*cast_for_loss(h, targets, self.loss_dtype)))
+
     def _prepare(
         self,
         x: torch.Tensor,
@@ -764,6 +853,7 @@ class SparseCGEEngine:
         h = self.format_input(inputs.to(self.view.device))
         self._batch_size = int(inputs.shape[0])
         self._cache = []
+        self.stats["cache_builds"] += 1
         for st in self.stages:
             h, env = _run_base(st, h)
             self._cache.append(env)
@@ -807,7 +897,6 @@ class SparseCGEEngine:
         param = self.view.params[g]
         if origin.kind == "model":
             self.stats["slow_path_queries"] += local.numel()
-            inputs = self.format_input(inputs)
             return _naive_loop(
                 self.module, self.loss_fn, param, local, step, inputs, targets, self.loss_dtype
             )
@@ -815,31 +904,32 @@ class SparseCGEEngine:
         per_query = self._batch_size * self._widest[origin.stage][first]
         per_query *= _LIVE_FACTOR * param.element_size()
         chunk = max(1, self.chunk_bytes // max(1, per_query))
+        flat = param.view(-1)
         out = []
         for start in range(0, local.numel(), chunk):
             idx = local[start : start + chunk]
+            new = flat[idx] + step  # perturbed values, rounded as the naive loop rounds them
             ch = _Chunk(self, origin.stage, idx.numel())
             if origin.kind == "node":
-                value = self._origin_value(ch, origin, param, idx, step)
+                value = self._origin_value(ch, origin, param, idx, new)
                 last = self._propagate(ch, origin.stage, origin.node, value)
             else:
                 self.stats["slow_path_queries"] += idx.numel()
-                value = self._stage_origin_value(ch, origin.stage, param, idx, step)
+                value = self._stage_origin_value(ch, origin.stage, param, idx, new)
                 last = self._propagate(ch, origin.stage + 1, None, value)
-            out.append(self._losses(ch, last, targets))
+            losses = self._losses(ch, last, targets)
+            out.append(losses)
             self.stats["chunks"] += 1
-            self.stats["queries"] += idx.numel()
+            self.stats["queries"] += losses.numel()
         return torch.cat(out)
 
     def _origin_value(
-        self, ch: _Chunk, origin: _Origin, param: torch.Tensor, idx: torch.Tensor, step: float
+        self, ch: _Chunk, origin: _Origin, param: torch.Tensor, idx: torch.Tensor, new: torch.Tensor
     ) -> Value:
-        """The perturbed output of the module owning ``param`` for each coordinate in ``idx``."""
+        """The output of the module owning ``param`` with ``param.view(-1)[idx[q]] = new[q]``."""
         node = origin.node
         m = self.stages[origin.stage].modules[node]
-        flat = param.view(-1)
-        new = flat[idx] + step  # the perturbed values, rounded as the naive loop rounds them
-        eff = new - flat[idx]  # the step actually taken in this dtype
+        eff = new - param.view(-1)[idx]  # the step actually taken in this dtype
         base_in = ch.cached(node.args[0]) if node.args else None
         base_out = ch.cached(node)
         is_weight = origin.attr == "weight"
@@ -922,15 +1012,15 @@ class SparseCGEEngine:
         return Dense(torch.cat(outs))
 
     def _stage_origin_value(
-        self, ch: _Chunk, s: int, param: torch.Tensor, idx: torch.Tensor, step: float
+        self, ch: _Chunk, s: int, param: torch.Tensor, idx: torch.Tensor, new: torch.Tensor
     ) -> Value:
-        """Fallback origin: perturb in place and rerun the whole stage on its cached input."""
+        """Fallback origin: set each coordinate in place and rerun the whole stage."""
         stage_in = self._cache[s][self.stages[s].nodes[0]]
         flat = param.view(-1)
         outs = []
-        for i in idx.tolist():
+        for i, v in zip(idx.tolist(), new.tolist(), strict=True):
             old = flat[i].clone()
-            flat[i] = old + step
+            flat[i] = v
             try:
                 outs.append(self.stages[s].module(stage_in.clone()))
             finally:

@@ -168,12 +168,8 @@ class ResNet20(StagedModel):
     def stages(self) -> list[nn.Module]:
         """Stem, the nine residual blocks in order, head."""
         out: list[nn.Module] = []
-        for child in self.body:
-            out.extend(
-                child
-                if isinstance(child, nn.Sequential) and not isinstance(child, Head)
-                else [child]
-            )
+        for child in self.body:  # residual stages are plain Sequentials of blocks
+            out.extend(child if type(child) is nn.Sequential else [child])
         return out
 
 

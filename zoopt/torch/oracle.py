@@ -30,8 +30,9 @@ class ModuleOracle(BaseOracle):
             (``False``: the base class builds perturbed points and runs full forwards).
         max_batch_bytes: memory cap for one chunk of queries (engine: activations; base
             class: perturbed points). ``None``: the engine's per-device default.
-        memory_format: the engine's layout for 4-D activations (see :class:`SparseCGEEngine`);
-            every forward of this oracle uses it so that all values round alike.
+        memory_format: the engine's layout for 4-D activations (see :class:`SparseCGEEngine`).
+            With the engine, every forward of this oracle is the engine's base forward, so
+            that all values round alike.
         loss_dtype: dtype the loss is reduced in (default float64, so the loss differences
             CGE divides by ``mu`` are not rounded to float32); values come back in it.
         **policy: ``max_queries``, ``on_error``, ``on_nonfinite`` (see :class:`BaseOracle`).
@@ -89,7 +90,7 @@ class ModuleOracle(BaseOracle):
 
     # -- data ---------------------------------------------------------------------------
     def set_batch(self, inputs: Any, targets: Any) -> None:
-        """Use this minibatch for every following query: ``inputs (B, ...)``, ``targets (B, ...)``."""
+        """Use this minibatch from now on: ``inputs (B, ...)``, ``targets (B, ...)``."""
         inputs = _as_tensor(inputs, "inputs").to(self.view.device)
         targets = _as_tensor(targets, "targets").to(self.view.device)
         if inputs.ndim < 1 or targets.ndim < 1 or inputs.shape[0] != targets.shape[0]:
@@ -109,29 +110,28 @@ class ModuleOracle(BaseOracle):
             raise ValueError("no minibatch: call set_batch(inputs, targets) first")
         return self.inputs, self.targets
 
-    def _model_inputs(self) -> torch.Tensor:
-        inputs, _ = self._batch()
-        return self.engine.format_input(inputs) if self.engine is not None else inputs
-
     # -- evaluation ---------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.loss_fn(*cast_for_loss(logits, targets, self.loss_dtype))
 
     def _evaluate(self, X: Any) -> Any:
-        """Loss at each row of ``X`` (``(n, dim)``); running statistics untouched."""
-        _, targets = self._batch()
-        inputs = self._model_inputs()
+        """Loss at each row of ``X`` (``(n, dim)``); running statistics untouched.
+
+        With the engine, each forward is the engine's base forward, so these values round
+        exactly like the engine's coordinate values and ``base_value``.
+        """
+        inputs, targets = self._batch()
         as_numpy = isinstance(X, np.ndarray)
         Xt = torch.as_tensor(X, device=self.view.device, dtype=self.view.dtype)
         out = torch.empty(Xt.shape[0], dtype=self.values_dtype, device=self.view.device)
-        saved = self.view.flatten()
-        with torch.no_grad(), preserved_buffers(self.module):
-            try:
+        if self.engine is not None:
+            for i in range(Xt.shape[0]):
+                out[i] = self.engine.forward_loss(Xt[i], inputs, targets)
+        else:
+            with torch.no_grad(), preserved_buffers(self.module):
                 for i in range(Xt.shape[0]):
-                    self.view.assign(Xt[i])
-                    out[i] = self._loss(self.module(inputs), targets)
-            finally:
-                self.view.assign(saved)
+                    with self.view.loaded(Xt[i]):
+                        out[i] = self._loss(self.module(inputs), targets)
         return out.cpu().numpy() if as_numpy else out
 
     def base_value(self, x: torch.Tensor) -> float:
@@ -171,8 +171,7 @@ class ModuleOracle(BaseOracle):
         running statistics (as a first-order training step does).
         """
         x = self.view.check_flat(x, "x")
-        _, targets = self._batch()
-        inputs = self._model_inputs()
+        inputs, targets = self._batch()
         stats = contextlib.nullcontext() if update_stats else preserved_buffers(self.module)
         with self.view.loaded(x), stats, torch.enable_grad():
             loss = self._loss(self.module(inputs), targets)
@@ -206,7 +205,8 @@ class ModuleOracle(BaseOracle):
         except Exception as exc:
             if self.on_error == "raise":
                 raise OracleError(
-                    f"the model raised on queries {first}..{first + k - 1} ({type(exc).__name__}: {exc})"
+                    f"the model raised on queries {first}..{first + k - 1} "
+                    f"({type(exc).__name__}: {exc})"
                 ) from exc
             values = self._coordinate_values_rowwise(xt, coords_np, step)
 

@@ -71,7 +71,8 @@ class ParamView:
         devices = {p.device for p in params}
         if len(dtypes) != 1 or len(devices) != 1:
             raise ValueError(
-                f"all parameters must share one dtype and device, got dtypes {sorted(map(str, dtypes))} "
+                "all parameters must share one dtype and device, got dtypes "
+                f"{sorted(map(str, dtypes))} "
                 f"and devices {sorted(map(str, devices))}"
             )
         self.module = module
