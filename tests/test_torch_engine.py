@@ -56,9 +56,9 @@ def _grad(values, base, step):
     return (values.double() - base) / step
 
 
-def _assert_matches_naive(model, inputs, targets, coords, rel_tol, steps=(MU, -MU)):
+def _assert_matches_naive(model, inputs, targets, coords, rel_tol, steps=(MU, -MU), **options):
     """Engine vs naive loop on forward-difference gradients for each step; returns engine."""
-    engine = SparseCGEEngine(model, F.cross_entropy)
+    engine = SparseCGEEngine(model, F.cross_entropy, **options)
     x = engine.view.flatten()
     buffers = [b.clone() for b in model.buffers()]
     base_engine = engine.base_forward(x, inputs, targets)
@@ -80,13 +80,18 @@ def _assert_matches_naive(model, inputs, targets, coords, rel_tol, steps=(MU, -M
     return engine
 
 
-@pytest.mark.parametrize("shortcut", ["A", "B"])
-def test_resnet20_train_mode_matches_naive_loop(shortcut):
+@pytest.mark.parametrize(
+    ("shortcut", "memory_format"),
+    [("A", "channels_last"), ("B", "channels_last"), ("A", "contiguous")],
+)
+def test_resnet20_train_mode_matches_naive_loop(shortcut, memory_format):
     torch.manual_seed(1)
     model = ResNet20(shortcut=shortcut).double().train()
     inputs, targets = _batch((3, 3, 8, 8))
     coords = _coords_everywhere(SparseCGEEngine(model, F.cross_entropy).view, 100)
-    engine = _assert_matches_naive(model, inputs, targets, coords, rel_tol=1e-8)
+    engine = _assert_matches_naive(
+        model, inputs, targets, coords, rel_tol=1e-8, memory_format=memory_format
+    )
     assert engine.stats["slow_path_queries"] == 0  # every op of ResNet-20 has a fast rule
     assert engine.stats["cache_builds"] == 1  # one unperturbed forward for all queries
 
@@ -221,7 +226,12 @@ def test_fallback_paths_are_exact():
     inputs, targets = _batch((4, 2, 6, 6), n_classes=5, seed=8)
     coords = _coords_everywhere(SparseCGEEngine(model, F.cross_entropy).view, 60, seed=8)
     engine = _assert_matches_naive(model, inputs, targets, coords, rel_tol=1e-8)
-    assert engine.stats["slow_path_queries"] > 0
+    assert engine.stats["slow_path_queries"] > 0 and engine.stats["looped_ops"] > 0
+    # declaring the opaque stage per-sample batches it over queries: same values, fewer loops
+    batched = _assert_matches_naive(
+        model, inputs, targets, coords, rel_tol=1e-8, per_sample_modules=(DataDependentStage,)
+    )
+    assert batched.stats["looped_ops"] < engine.stats["looped_ops"]
 
 
 # -- ModuleOracle ------------------------------------------------------------------------
@@ -280,6 +290,25 @@ def test_trainer_flow_base_value_then_sparse_cge():
     assert fast.queries == slow.queries == 201
     central = CGE(mu=MU, scheme="central").estimate(fast, x, coords=coords)
     assert torch.allclose(central.grad[coords], ref.grad[coords], atol=1e-2)
+
+
+def test_cache_follows_x_batch_and_mode():
+    oracle = _oracle()
+    x = oracle.view.flatten()
+    coords = np.array([1, 500, 3000])
+    first = oracle.eval_coordinate_steps(x, coords, MU)
+    oracle.eval_coordinate_steps(x, coords, -MU)  # same step: cached
+    assert oracle.engine.stats["cache_builds"] == 1
+    x2 = x.clone()
+    x2[7] += 0.1
+    oracle.eval_coordinate_steps(x2, coords, MU)
+    inputs, targets = _batch((16, 1, 8, 8), seed=10)
+    oracle.set_batch(inputs, targets)
+    other_batch = oracle.eval_coordinate_steps(x, coords, MU)
+    oracle.module.eval()
+    oracle.eval_coordinate_steps(x, coords, MU)
+    assert oracle.engine.stats["cache_builds"] == 4
+    assert not torch.allclose(first, other_batch)
 
 
 def test_oracle_loss_and_grad_matches_central_differences():

@@ -235,7 +235,7 @@ class RGE(Estimator):
             return out
 
         def finish(values: Array) -> Estimate:
-            values = xp.asarray(values, dtype=x.dtype, device=device_of(x))
+            values = _values_for_differences(xp, values, x)
             if values.shape[0] != n:
                 raise ValueError(f"expected {n} values for this plan, got {values.shape[0]}")
             base = float(values[0]) if need_base else fx
@@ -245,10 +245,25 @@ class RGE(Estimator):
                 coef = (values[:m] - values[m:]) / (2 * mu)
             else:  # antithetic: mirrored forward differences, f(x) cancels
                 coef = (values[:m] - values[m:]) / mu
-            grad = scale * (coef @ u)
+            grad = scale * (xp.astype(coef, x.dtype) @ u)
             return Estimate(grad=grad, fx=None if base is None else float(base), queries=n)
 
         return QueryPlan(x=x, n=n, points=points, finish=finish)
+
+
+def _values_for_differences(xp: Any, values: Any, x: Array) -> Array:
+    """Oracle values on x's device, keeping their precision if it exceeds x's.
+
+    Finite differences subtract nearly equal losses: an oracle that returns float64 losses for
+    float32 parameters (the torch engine does) must not be rounded to float32 before the
+    subtraction, or the ~1e-5 differences drown in float32's rounding of the loss itself.
+    """
+    values = xp.asarray(values, device=device_of(x))
+    if not xp.isdtype(values.dtype, "real floating"):
+        return xp.astype(values, x.dtype)
+    if xp.finfo(values.dtype).bits < xp.finfo(x.dtype).bits:
+        return xp.astype(values, x.dtype)
+    return values
 
 
 def _coords_array(coords: Any, dim: int) -> np.ndarray:
@@ -338,7 +353,7 @@ class CGE(Estimator):
             return out
 
         def finish(values: Array) -> Estimate:
-            values = xp.asarray(values, dtype=x.dtype, device=dev)
+            values = _values_for_differences(xp, values, x)
             if values.shape[0] != n:
                 raise ValueError(f"expected {n} values for this plan, got {values.shape[0]}")
             base = float(values[0]) if need_base else fx
@@ -348,7 +363,7 @@ class CGE(Estimator):
                 diff = (values[:k] - values[k:]) / (2 * mu)
             grad = xp.zeros((d,), dtype=x.dtype, device=dev)
             if k:
-                grad[xp.asarray(idx, device=dev)] = diff
+                grad[xp.asarray(idx, device=dev)] = xp.astype(diff, x.dtype)
             return Estimate(grad=grad, fx=None if base is None else float(base), queries=n)
 
         return QueryPlan(
