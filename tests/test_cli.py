@@ -21,7 +21,7 @@ def run(args, cwd=None):
 def test_help_for_every_command():
     out = run(["--help"])
     assert out.returncode == 0 and "minimize" in out.stdout
-    for cmd in ("minimize", "demo"):
+    for cmd in ("minimize", "demo", "train", "serve-classifier"):
         out = run([cmd, "--help"])
         assert out.returncode == 0 and "usage: zoopt " + cmd in out.stdout
 
