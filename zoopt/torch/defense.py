@@ -15,8 +15,8 @@ get the gradient, all trained by :class:`zoopt.torch.train.Trainer`:
   trainer method ``"fo"``.
 - **DeepZero**: :func:`deepzero_oracle`, a ModuleOracle whose module is ``D`` followed by a
   :class:`BlackBoxStage` (parameter-free, no autograd, calls the API). Sparse CGE over D's own
-  weights; :class:`BatchedBlackBoxEngine` sends all perturbed images of one engine chunk to the
-  API in one ``predict`` call (trainer method ``"deepzero"``).
+  weights; the engine treats the black box as a per-sample stage and sends all perturbed images
+  of one chunk to the API in one ``predict`` call (trainer method ``"deepzero"``).
 
 Query accounting (both ZO methods): one *query* is one evaluation of the loss on the batch,
 i.e. ``B`` images sent to the classifier API. A step costs ``q + 1`` queries: ``q`` perturbed
@@ -42,7 +42,7 @@ from torch import nn
 from .. import data as zdata
 from ..certify import Certificate, certified_accuracy, certify
 from ..oracle import BaseOracle
-from .engine import Dense, SparseCGEEngine
+from .engine import SparseCGEEngine
 from .oracle import ModuleOracle
 from .params import ParamView, preserved_buffers
 
@@ -69,8 +69,8 @@ class BlackBoxStage(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if isinstance(images, torch.fx.Proxy):
-            # Not traceable on purpose: the engine then treats the whole stage as one opaque
-            # node, which BatchedBlackBoxEngine feeds all queries of a chunk at once.
+            # Not traceable on purpose: the engine then sees the stage as one opaque node, which
+            # per_sample_modules=(BlackBoxStage,) lets it feed all queries of a chunk at once.
             raise TypeError("BlackBoxStage calls a remote API and cannot be traced")
         host = images.detach().to("cpu", torch.float32).contiguous().numpy()
         logits = np.asarray(self.api.predict(host), dtype=np.float32)
@@ -142,21 +142,6 @@ class DenoisedClassifier(nn.Module):
 
 
 # -- DeepZero -------------------------------------------------------------------------------
-class BatchedBlackBoxEngine(SparseCGEEngine):
-    """:class:`SparseCGEEngine` that sends all queries of a chunk through a
-    :class:`BlackBoxStage` in one call (Q*B images) instead of Q calls of B images.
-
-    Exact: the black box maps each image to its logits independently (eval mode), so running it
-    once on the stacked batch equals running it per query.
-    """
-
-    def _apply(self, ch: Any, node: Any, st: Any, arg_vals: list[Any]) -> Any:
-        module = st.modules.get(node) if node.op == "call_module" else None
-        if isinstance(module, BlackBoxStage) and arg_vals and arg_vals[0] is not None:
-            return Dense(module(ch.dense(arg_vals[0], node.args[0])))
-        return super()._apply(ch, node, st, arg_vals)
-
-
 def deepzero_oracle(
     denoiser: nn.Module,
     api: Any,
@@ -167,14 +152,23 @@ def deepzero_oracle(
     """The DeepZero oracle: ``CE(api(denoiser(inputs)), targets)`` over the denoiser's weights.
 
     A :class:`~zoopt.torch.ModuleOracle` over :class:`DenoisedClassifier` ``(denoiser,
-    BlackBoxStage(api))`` served by :class:`BatchedBlackBoxEngine` (feature reuse inside the
-    denoiser, one API call per chunk of queries). ``chunk_bytes`` caps the engine's activation
-    memory per chunk. Each query sends ``B`` images to the API.
+    BlackBoxStage(api))``. Its engine reuses features inside the denoiser and declares the black
+    box per-sample (``per_sample_modules``), so all ``Q * B`` perturbed images of a chunk reach
+    the API in one ``predict`` call instead of ``Q`` calls of ``B``. ``chunk_bytes`` caps the
+    engine's activation memory per chunk. Each query sends ``B`` images to the API.
     """
     model = DenoisedClassifier(denoiser, BlackBoxStage(api))
-    oracle = ModuleOracle(model, F.cross_entropy, max_batch_bytes=chunk_bytes, max_queries=max_queries)
-    oracle.engine = BatchedBlackBoxEngine(
-        model, F.cross_entropy, view=oracle.view, chunk_bytes=chunk_bytes
+    oracle = ModuleOracle(
+        model, F.cross_entropy, max_batch_bytes=chunk_bytes, max_queries=max_queries
+    )
+    # ModuleOracle does not pass per_sample_modules through: rebuild its engine with it.
+    oracle.engine = SparseCGEEngine(
+        model,
+        F.cross_entropy,
+        view=oracle.view,
+        chunk_bytes=chunk_bytes,
+        loss_dtype=oracle.loss_dtype,
+        per_sample_modules=(BlackBoxStage,),
     )
     return oracle
 
@@ -329,16 +323,19 @@ class AutoencoderZOOracle(BaseOracle):
         return self.inputs, self.targets
 
     def sample_losses(self, latents: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-image CE ``(m,)`` of ``api(decoder(latents))`` against ``targets`` (m,); sends m
-        images, ``chunk_images`` per call. No autograd."""
+        """Per-image CE ``(m,)`` float64 of ``api(decoder(latents))`` against ``targets`` (m,);
+        sends m images, ``chunk_images`` per call. No autograd. float64 so that the differences
+        divided by ``2 mu`` are not float32 rounding noise."""
         out = []
         with torch.no_grad():
             for s in range(0, latents.shape[0], self.chunk_images):
                 images = self.decoder(latents[s : s + self.chunk_images])
                 host = images.detach().to("cpu", torch.float32).contiguous().numpy()
                 logits = torch.from_numpy(np.asarray(self.api.predict(host), dtype=np.float32))
-                logits = logits.to(latents.device)
-                out.append(F.cross_entropy(logits, targets[s : s + self.chunk_images], reduction="none"))
+                logits = logits.to(latents.device, torch.float64)
+                out.append(
+                    F.cross_entropy(logits, targets[s : s + self.chunk_images], reduction="none")
+                )
         return torch.cat(out)
 
     def latent_gradients(self, latents: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -353,7 +350,8 @@ class AutoencoderZOOracle(BaseOracle):
         shifted = latents.unsqueeze(0) + steps.unsqueeze(1)  # (2d, B, d)
         losses = self.sample_losses(shifted.reshape(2 * d * b, d), targets.repeat(2 * d))
         losses = losses.view(2, d, b)
-        return ((losses[0] - losses[1]) / (2 * self.mu)).T.contiguous()
+        grads = (losses[0] - losses[1]) / (2 * self.mu)
+        return grads.T.to(latents.dtype).contiguous()
 
     def base_value(self, x: torch.Tensor) -> float:
         """``f(x)``: the training forward (updates BatchNorm running statistics); 1 query."""
@@ -376,7 +374,9 @@ class AutoencoderZOOracle(BaseOracle):
         with self.view.loaded(x), stats, torch.enable_grad():
             latents = self.trainable(inputs)
             if latents.ndim != 2:
-                raise ValueError(f"the encoder must return codes (B, d), got {tuple(latents.shape)}")
+                raise ValueError(
+                    f"the encoder must return codes (B, d), got {tuple(latents.shape)}"
+                )
             self._charge(2 * latents.shape[1] + 1)
             code = latents.detach()
             value = float(self.sample_losses(code, targets).mean())
@@ -398,7 +398,7 @@ class AutoencoderZOOracle(BaseOracle):
         inputs, targets = self._batch()
         as_numpy = isinstance(X, np.ndarray)
         Xt = torch.as_tensor(X, device=self.view.device, dtype=self.view.dtype)
-        out = torch.empty(Xt.shape[0], dtype=self.view.dtype)
+        out = torch.empty(Xt.shape[0], dtype=torch.float64)
         with torch.no_grad(), preserved_buffers(self.trainable):
             for i in range(Xt.shape[0]):
                 with self.view.loaded(Xt[i]):
@@ -530,7 +530,8 @@ class DenoiserTask(_TaskBase):
         """Accuracy of the defended pipeline on the noisy test images (eval mode)."""
         with eval_mode(self.model):
             labels = np.asarray(self.evaluate_labels(self._test_noisy))
-        return {"test_noisy_accuracy": float(np.mean(labels == self.y_test))}
+        # "test_accuracy" is the key the trainer's progress bar shows
+        return {"test_accuracy": float(np.mean(labels == self.y_test))}
 
 
 class ReconstructionTask(_TaskBase):
@@ -635,14 +636,16 @@ def certify_pipeline(
     alpha: float = 0.001,
     batch: int | None = None,
     seed: int = 0,
+    first_index: int = 0,
     progress: bool = False,
     desc: str = "certify",
 ) -> tuple[list[Certificate], dict[float, float]]:
     """CERTIFY (Cohen et al.) each image with the smoothed ``base_classifier``.
 
-    Image ``i`` uses the generator ``default_rng([seed, i])``, so results do not depend on the
-    order or on which images are certified together. ``batch`` noisy copies go to
-    ``base_classifier`` per call (default: all ``n`` at once, capped at 64 MiB).
+    ``images[i]`` draws its noise from ``default_rng([seed, first_index + i])``: a test set
+    certified in pieces (``first_index`` = the piece's offset) gives the same certificates as
+    in one call. ``batch`` noisy copies go to ``base_classifier`` per call (default: all ``n``
+    at once, capped at 64 MiB).
 
     Returns:
         ``(certificates, {radius: certified accuracy})`` against the true ``labels``.
@@ -666,7 +669,7 @@ def certify_pipeline(
                 n=n,
                 alpha=alpha,
                 batch=batch,
-                rng=np.random.default_rng([seed, i]),
+                rng=np.random.default_rng([seed, first_index + i]),
             )
         )
     return results, certified_accuracy(results, labels, radii)

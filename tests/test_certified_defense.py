@@ -1,0 +1,395 @@
+"""Certified black-box defense: FO-DS, ZO-AE-DS and DeepZero through the Trainer, with the
+classifier behind a real HTTP service on 127.0.0.1; query accounting; certification; the app."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from torch import nn  # noqa: E402
+
+import applications.certified_defense as app  # noqa: E402
+from oracles.classifier import HTTPClassifier, LocalClassifier, as_label_function  # noqa: E402
+from oracles.dncnn import DnCNN  # noqa: E402
+from oracles.http_service import make_server, serve_in_background  # noqa: E402
+from zoopt import sparsity as sp  # noqa: E402
+from zoopt.certify import ABSTAIN, Certificate  # noqa: E402
+from zoopt.torch import defense as dz  # noqa: E402
+from zoopt.torch.engine import naive_coordinate_values  # noqa: E402
+from zoopt.torch.train import TrainConfig, Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = (1, 8, 8)
+TOKEN = "defense-test-token"
+SIGMA = 0.25
+
+
+class TinyClassifier(nn.Module):
+    """The owner's model for the fast tests: conv-ReLU-pool-linear on 8x8 digits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+            nn.Linear(8 * 4 * 4, 10),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@pytest.fixture(scope="module")
+def data() -> app.ImageData:
+    full = app.digits_data(8)
+    return app.ImageData(
+        full.X_train[:96], full.y_train[:96], full.X_test[:24], full.y_test[:24], "d"
+    )
+
+
+@pytest.fixture(scope="module")
+def owner_model() -> TinyClassifier:
+    return TinyClassifier().eval()
+
+
+@pytest.fixture(scope="module")
+def server(owner_model: TinyClassifier) -> Iterator:
+    backend = LocalClassifier(owner_model, input_shape=SHAPE, max_batch=4096, name="tiny")
+    srv = make_server(backend, token=TOKEN, max_batch=4096)
+    serve_in_background(srv)
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+@pytest.fixture
+def api(server) -> Iterator[HTTPClassifier]:
+    client = HTTPClassifier(server.url, token=TOKEN, max_batch=4096)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="module")
+def labels(server, data: app.ImageData) -> np.ndarray:
+    client = HTTPClassifier(server.url, token=TOKEN, max_batch=4096)
+    return app.api_labels(client, data.X_train)
+
+
+def small_denoiser(seed: int = 0) -> DnCNN:
+    torch.manual_seed(seed)
+    return DnCNN(1, depth=3, features=4)
+
+
+def task_for(method, data, labels, api, owner_model, q, batch_size=8):
+    """(task, trainer method, config overrides) for one defense method on the tiny setup."""
+    denoiser = small_denoiser()
+    modules = [denoiser]
+    overrides = {}
+    if method == "fo-ds":
+        oracle, model, trainer_method = dz.fo_ds_oracle(denoiser, owner_model), denoiser, "fo"
+    elif method == "zo-ae-ds":
+        torch.manual_seed(1)
+        ae = dz.ConvAutoEncoder(1, 8, q // 2, width=4)
+        oracle = dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, mu=1e-2)
+        model, trainer_method, modules = oracle.trainable, "fo", [denoiser, ae.encoder, ae.decoder]
+    else:
+        oracle, model, trainer_method = dz.deepzero_oracle(denoiser, api), denoiser, "deepzero"
+        overrides = dict(sparsity=dz.deepzero_sparsity(oracle.view.groups, q), grasp_q=3)
+    evaluate = as_label_function(api, preprocess=dz.pipeline_preprocess(*modules))
+    task = dz.DenoiserTask(
+        model, oracle, (data.X_train, labels), (data.X_test[:8], data.y_test[:8]),
+        sigma=SIGMA, batch_size=batch_size, evaluate_labels=evaluate, grasp_per_class=1,
+    )  # fmt: skip
+    return task, trainer_method, overrides
+
+
+def config(method, **overrides):
+    base = dict(method=method, epochs=1, max_steps_per_epoch=2, lr=0.01, progress=False,
+                plots=False, reshuffle_every=1, mu=1e-2)  # fmt: skip
+    return TrainConfig(**(base | overrides))
+
+
+# -- the black box as a stage -------------------------------------------------------------
+def test_black_box_stage_returns_the_api_logits_and_refuses_tracing(api, owner_model, data):
+    stage = dz.BlackBoxStage(api)
+    x = torch.from_numpy(data.X_test[:5])
+    before = api.queries
+    logits = stage(x)
+    assert api.queries - before == 5
+    with torch.no_grad():
+        assert torch.allclose(logits, owner_model(x), atol=1e-5)
+    assert not logits.requires_grad
+    with pytest.raises(TypeError, match="cannot be traced"):
+        torch.fx.symbolic_trace(stage)
+    with pytest.raises(TypeError, match="predict"):
+        dz.BlackBoxStage(object())
+
+
+def test_batched_engine_equals_the_naive_forward_per_coordinate(api, labels, data):
+    """DeepZero's engine values are the losses of full forwards, and its chunks reach the API
+    as a handful of requests instead of one per coordinate."""
+    denoiser = small_denoiser()
+    oracle = dz.deepzero_oracle(denoiser, api)
+    inputs = torch.from_numpy(dz.add_noise(data.X_train[:8], SIGMA, np.random.default_rng(0)))
+    targets = torch.from_numpy(labels[:8])
+    oracle.set_batch(inputs, targets)
+    x = oracle.view.flatten()
+    coords = np.sort(np.random.default_rng(1).choice(oracle.dim, size=40, replace=False))
+    requests = api.requests
+    fast = oracle.eval_coordinate_steps(x, coords, 1e-2)
+    used = api.requests - requests
+    naive = naive_coordinate_values(
+        oracle.module, torch.nn.functional.cross_entropy, x, coords, 1e-2, inputs, targets
+    )
+    torch.testing.assert_close(fast, naive, atol=2e-5, rtol=1e-5)
+    assert used <= oracle.engine.stats["chunks"] + 1 < 40  # base forward + one call per chunk
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    depth=st.integers(2, 5),
+    width=st.integers(1, 6),
+    frac=st.floats(0.0, 1.0),
+    seed=st.integers(0, 99),
+)
+def test_deepzero_sparsity_makes_the_mask_exactly_q_coordinates(depth, width, frac, seed):
+    groups = dz.ParamView(DnCNN(1, depth=depth, features=width)).groups
+    other = sum(g.stop - g.start for g in groups if g.kind != "weight")
+    weights = [g.stop - g.start for g in groups if g.kind == "weight"]
+    q = other + len(weights) + int(frac * (sum(weights) - len(weights)))
+    s = dz.deepzero_sparsity(groups, q)
+    scores = np.random.default_rng(seed).standard_normal(groups[-1].stop)
+    ratios = sp.keep_ratios_from_scores(scores, groups, s)
+    mask = sp.DynamicMask(groups, ratios, reshuffle_every=1, seed=seed)
+    assert mask.coords().size == q
+
+
+def test_deepzero_sparsity_rejects_an_impossible_budget():
+    groups = dz.ParamView(DnCNN(1, depth=3, features=4)).groups
+    with pytest.raises(ValueError, match="coords=3"):
+        dz.deepzero_sparsity(groups, 3)
+
+
+# -- ZO-AE-DS ---------------------------------------------------------------------------------
+def test_zo_ae_ds_gradient_matches_autograd_through_the_white_box(api, owner_model, labels, data):
+    """Central CGE over the latent code + backprop = the true gradient, up to O(mu^2)."""
+    denoiser = small_denoiser()
+    torch.manual_seed(1)
+    ae = dz.ConvAutoEncoder(1, 8, 6, width=4)
+    oracle = dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, mu=1e-2)
+    inputs = torch.from_numpy(dz.add_noise(data.X_train[:6], SIGMA, np.random.default_rng(0)))
+    targets = torch.from_numpy(labels[:6])
+    oracle.set_batch(inputs, targets)
+    x = oracle.view.flatten()
+    before = api.queries
+    loss, grad = oracle.loss_and_grad(x, update_stats=False)
+    assert api.queries - before == (2 * 6 + 1) * 6 and oracle.queries == 2 * 6 + 1
+    white = nn.Sequential(denoiser, ae.encoder, ae.decoder, owner_model)
+    ref_loss = torch.nn.functional.cross_entropy(white(inputs), targets)
+    ref = torch.autograd.grad(ref_loss, oracle.view.params)
+    ref = torch.cat([g.reshape(-1) for g in ref])
+    assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-4)
+    cosine = float(grad @ ref / (grad.norm() * ref.norm()))
+    assert cosine > 0.999
+    torch.testing.assert_close(grad, ref, atol=0.05 * float(ref.abs().max()), rtol=0.05)
+
+
+def test_zo_ae_ds_rejects_bad_settings(api):
+    denoiser, ae = small_denoiser(), dz.ConvAutoEncoder(1, 8, 4, width=2)
+    with pytest.raises(ValueError, match="mu"):
+        dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, mu=0.0)
+    with pytest.raises(ValueError, match="chunk_images"):
+        dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, chunk_images=0)
+    with pytest.raises(ValueError, match="latent_dim"):
+        dz.ConvAutoEncoder(1, 8, 0)
+    oracle = dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api)
+    with pytest.raises(ValueError, match="set_batch"):
+        oracle.base_value(oracle.view.flatten())
+
+
+# -- the three methods through the Trainer ----------------------------------------------------
+@pytest.mark.parametrize("method", dz.METHODS)
+def test_each_method_trains_through_the_trainer_over_http(
+    tmp_path, method, data, labels, api, owner_model
+):
+    task, trainer_method, overrides = task_for(method, data, labels, api, owner_model, q=16)
+    x0 = task.parameters_vector().clone()
+    summary = Trainer(task, config(trainer_method, **overrides), tmp_path).fit()
+    assert summary["steps"] == 2 and summary["finished"]
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(row["train_loss"])
+    assert not torch.equal(task.parameters_vector(), x0)  # the denoiser moved
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
+def test_zo_methods_spend_equal_queries_per_step(data, labels, api, owner_model, tmp_path):
+    """Both ZO methods send (q + 1) * B images per step; the trainer counts q + 1 queries."""
+    q, batch, steps, grasp_q = 16, 8, 2, 3
+    spent = {}
+    for method in ("zo-ae-ds", "deepzero"):
+        task, trainer_method, overrides = task_for(method, data, labels, api, owner_model, q, batch)
+        counted = app._CountingLabels(task.evaluate_labels)
+        task.evaluate_labels = counted
+        before = api.queries
+        summary = Trainer(task, config(trainer_method, **overrides), tmp_path / method).fit()
+        images = api.queries - before - counted.images
+        queries = summary["queries"]
+        if method == "deepzero":  # ZO-GraSP: 2 (grasp_q + 1) RGE queries on 1 image per class
+            classes = np.unique(labels).size
+            images -= 2 * (grasp_q + 1) * classes
+            queries -= 2 * (grasp_q + 1)
+        spent[method] = (images, queries)
+    assert spent["zo-ae-ds"] == spent["deepzero"] == (steps * (q + 1) * batch, steps * (q + 1))
+
+
+def test_fo_ds_keeps_the_white_box_frozen_and_counts_its_forwards(owner_model, data, labels):
+    oracle = dz.fo_ds_oracle(small_denoiser(), owner_model)
+    oracle.set_batch(torch.from_numpy(data.X_train[:4]), torch.from_numpy(labels[:4]))
+    oracle.module.train()
+    assert not oracle.module.classifier.module.training
+    before = [p.clone() for p in owner_model.parameters()]
+    _, grad = oracle.loss_and_grad(oracle.view.flatten())
+    assert grad.shape == (oracle.dim,) and oracle.dim == dz.ParamView(small_denoiser()).dim
+    assert oracle.module.classifier.images == 4
+    assert all(torch.equal(a, b) for a, b in zip(before, owner_model.parameters(), strict=True))
+
+
+def test_denoiser_task_batches_carry_one_noise_draw_and_the_classifier_labels(data, labels, api):
+    task, *_ = task_for("deepzero", data, labels, api, None, q=16)
+    batches = list(task.train_batches(0, np.random.default_rng(5)))
+    again = list(task.train_batches(0, np.random.default_rng(5)))
+    assert len(batches) == task.steps_per_epoch() == 12
+    noisy, y = batches[0]
+    assert noisy.shape == (8, *SHAPE) and y.dtype == torch.long
+    torch.testing.assert_close(noisy, again[0][0])  # reproducible for resume
+    residual = (noisy.numpy()[:, None] - data.X_train[None]).reshape(8, len(data.X_train), -1)
+    closest = np.abs(residual).mean(-1).argmin(1)
+    assert np.array_equal(labels[closest], y.numpy())  # targets: the classifier's own labels
+    assert 0.8 * SIGMA < float(residual[np.arange(8), closest].std()) < 1.2 * SIGMA
+    with pytest.raises(ValueError, match="sigma"):
+        dz.DenoiserTask(task.model, task.oracle, (data.X_train, labels), (data.X_test, data.y_test),
+                        sigma=0.0, batch_size=8, evaluate_labels=task.evaluate_labels)  # fmt: skip
+
+
+# -- certification ------------------------------------------------------------------------------
+def test_certify_pipeline_returns_sane_structures(api, data):
+    denoiser = small_denoiser().eval()
+    base = as_label_function(api, preprocess=dz.pipeline_preprocess(denoiser))
+    images, truth = data.X_test[:6], data.y_test[:6]
+    radii = [0.0, 0.1, 0.25, 0.5]
+    before = api.queries
+    certs, accuracy = dz.certify_pipeline(
+        base, images, truth, sigma=SIGMA, radii=radii, n0=10, n=60, alpha=0.01, seed=4
+    )
+    assert api.queries - before == 6 * (10 + 60)
+    assert len(certs) == 6 and all(isinstance(c, Certificate) for c in certs)
+    for c in certs:
+        assert c.prediction == ABSTAIN and c.radius == 0.0 or 0 <= c.prediction < 10
+        assert 0.0 <= c.radius <= SIGMA * 2.5  # Phi^-1 of the best bound with n = 60
+    assert list(accuracy) == radii
+    values = [accuracy[r] for r in radii]
+    assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values, reverse=True)
+    again, _ = dz.certify_pipeline(
+        base,
+        images[3:],
+        truth[3:],
+        sigma=SIGMA,
+        radii=radii,
+        n0=10,
+        n=60,
+        alpha=0.01,
+        seed=4,
+        first_index=3,
+    )
+    assert again == certs[3:]  # each image's noise depends only on (seed, its index)
+
+
+def test_certify_pipeline_rejects_mismatched_labels(api, data):
+    base = as_label_function(api)
+    with pytest.raises(ValueError, match="images/labels"):
+        dz.certify_pipeline(base, data.X_test[:3], data.y_test[:2], sigma=0.5, radii=[0.0])
+
+
+# -- the application -----------------------------------------------------------------------------
+def test_digits_are_pixels_in_the_unit_interval_and_upsample():
+    d8, d16 = app.digits_data(8), app.digits_data(16)
+    assert d8.X_train.min() == 0.0 and d8.X_train.max() == 1.0
+    assert d16.shape == (1, 16, 16) and d16.X_train.dtype == np.float32
+    assert 0.0 <= d16.X_train.min() and d16.X_train.max() <= 1.0
+    assert np.array_equal(d8.y_train, d16.y_train) and d8.num_classes == 10
+    with pytest.raises(ValueError, match="image_size"):
+        app.digits_data(4)
+
+
+def test_image_folder_loads_square_rgb_pixels_with_folder_labels(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+    data = app.load_image_folder(tmp_path, 6)
+    assert data.X_train.shape == (6, 3, 6, 6) and data.X_test.shape == (6, 3, 6, 6)
+    assert list(data.y_train) == [0, 0, 0, 1, 1, 1] and data.num_classes == 2
+    assert 0.0 <= data.X_train.min() and data.X_train.max() <= 1.0
+    subset = app.load_image_folder(tmp_path, 6, max_per_split=3)
+    assert list(subset.y_train) == [0, 1, 0] and list(subset.y_test) == [0, 1, 0]
+    assert np.array_equal(subset.X_train[1], data.X_train[3])  # dog 0 comes second
+    with pytest.raises(ValueError, match="train/"):
+        app.load_image_folder(tmp_path / "train", 6)
+
+
+def test_app_rejects_bad_settings():
+    for argv, match in ((["--sigma", "0"], "sigma"), (["--q", "0"], "--q"),
+                        (["--alpha", "1.5"], "alpha")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            app.check_args(app.build_parser().parse_args(argv))
+    with pytest.raises(SystemExit):
+        app.build_parser().parse_args(["--methods", "fo-ds,magic"])
+
+
+def test_app_end_to_end_on_a_tiny_setting(tmp_path):
+    """The command line, over HTTP on 127.0.0.1, with a given (untrained) ResNet-18 checkpoint."""
+    from oracles.resnet import build_resnet, save_classifier_checkpoint
+
+    torch.manual_seed(0)
+    weights = tmp_path / "owner.pt"
+    model = build_resnet("resnet18", num_classes=10, in_channels=1).eval()
+    save_classifier_checkpoint(weights, model, "resnet18", input_shape=SHAPE)
+    out = tmp_path / "run"
+    argv = [
+        sys.executable, str(ROOT / "applications" / "certified_defense.py"), "--out", str(out),
+        "--classifier-weights", str(weights), "--image-size", "8", "--q", "36", "--batch-size",
+        "8", "--epochs", "1", "--steps-per-epoch", "2", "--pretrain-epochs", "1",
+        "--dncnn-depth", "3", "--dncnn-width", "4", "--grasp-q", "2", "--grasp-per-class", "1",
+        "--num-validate", "10",
+        "--n0", "5", "--n", "20", "--num-certify", "4", "--no-progress",
+    ]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "certified_accuracy.json").read_text())
+    assert set(result["certified_accuracy"]) == {"fo-ds", "zo-ae-ds", "deepzero"}
+    for acc in result["certified_accuracy"].values():
+        assert list(acc) == ["0", "0.25", "0.5", "0.75"]
+        assert all(0.0 <= a <= 1.0 for a in acc.values())
+    per_step = {m: result["queries"][m]["api_images_per_step"] for m in ("zo-ae-ds", "deepzero")}
+    assert per_step == {"zo-ae-ds": 37 * 8, "deepzero": 37 * 8}
+    assert result["queries"]["fo-ds"]["training_api_images"] == 0
+    assert result["settings"]["q"] == 36 and result["settings"]["n"] == 20
+    assert (out / "certified_accuracy.png").stat().st_size > 0
+    assert "| DeepZero |" in (out / "table.md").read_text()
+    assert "| FO-DS |" in done.stdout
