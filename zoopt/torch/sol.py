@@ -229,8 +229,9 @@ class CorrectionCNN(nn.Module):
         width: hidden channels.
         depth: number of convolutions (>= 2).
         kernel_size: odd kernel size.
-        final_gain: scale of the last convolution's initial weights; small, so training starts
-            near the uncorrected solver instead of from random corrections.
+        final_gain: scale of the last convolution's initial weights (its bias starts at 0).
+            Keep the default 1 for ZO-GraSP: its scores are ``-θ ⊙ Hg``, so a shrunken output
+            layer scores ~0 and gets almost no coordinates (0.1 left 1 of 144 weights).
 
     With the defaults (8 channels, 3 layers, 5x5) it has 2,618 parameters.
     """
@@ -242,7 +243,7 @@ class CorrectionCNN(nn.Module):
         width: int = 8,
         depth: int = 3,
         kernel_size: int = 5,
-        final_gain: float = 0.1,
+        final_gain: float = 1.0,
     ):
         super().__init__()
         for name, value in (("width", width), ("depth", depth), ("kernel_size", kernel_size)):
