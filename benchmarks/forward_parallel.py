@@ -60,7 +60,8 @@ def make_problem(args: argparse.Namespace) -> tuple[ModuleOracle, torch.Tensor, 
     torch.manual_seed(args.seed)
     options = {"width": args.width} if args.model == "cnn8" else {}
     model = build_model(args.model, num_classes=10, in_channels=3, image_size=32, **options)
-    oracle = ModuleOracle(model.train(), F.cross_entropy)
+    chunk_bytes = None if args.chunk_mib is None else int(args.chunk_mib * 2**20)
+    oracle = ModuleOracle(model.train(), F.cross_entropy, max_batch_bytes=chunk_bytes)
     g = torch.Generator().manual_seed(args.seed)
     batch = (
         torch.randn(args.batch, 3, 32, 32, generator=g),
@@ -98,7 +99,11 @@ def distributed_run(
         # How many cores the workers really get right now (the machine is shared): the same
         # busy loop on every worker at once; capacity = workers * alone / slowest.
         spin_seconds = list(client.run(spin, args.spin).values())
-        local = ModuleOracle(copy.deepcopy(template.module), F.cross_entropy)
+        local = ModuleOracle(
+            copy.deepcopy(template.module),
+            F.cross_entropy,
+            max_batch_bytes=template.engine.chunk_bytes,
+        )
         factory = ModuleOracleFactory.from_oracle(local)
         with DistributedOracle(factory, client, local=local, timeout=args.timeout) as oracle:
             oracle.set_batch(*batch)
@@ -156,6 +161,12 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=None, help="per-call timeout (s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--spin", type=int, default=20_000_000, help="busy-loop iterations")
+    ap.add_argument(
+        "--chunk-mib",
+        type=float,
+        default=None,
+        help="engine memory cap per query chunk (MiB; default: the engine's CPU default)",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if any(w < 1 for w in args.workers) or args.repeats < 1 or args.batch < 1:
@@ -183,6 +194,7 @@ def main() -> None:
         "batch": args.batch,
         "sparsity": args.sparsity,
         "coordinates": int(coords.size),
+        "chunk_bytes": oracle.engine.chunk_bytes,
         "cpu_count": os.cpu_count(),
         "load_average_1min": os.getloadavg()[0],
         "torch": torch.__version__,

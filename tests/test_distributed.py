@@ -27,6 +27,7 @@ from zoopt.distributed import (  # noqa: E402
     DistributedOracle,
     OracleTimeout,
     connect,
+    predict_group_cost,
     split_by_cost,
 )
 
@@ -248,13 +249,37 @@ def test_timeout_is_a_clear_error(client):
 # -- load balancing -------------------------------------------------------------------------
 
 
+@settings(max_examples=50, deadline=None)
+@given(
+    fixed=st.floats(0.0, 10.0),
+    per_coord=st.floats(0.0, 1.0),
+    n1=st.integers(1, 50),
+    extra=st.integers(1, 200),
+    n=st.integers(1, 10_000),
+)
+def test_probe_fit_recovers_a_fixed_plus_linear_cost(fixed, per_coord, n1, extra, n):
+    n2 = n1 + extra
+    noisy_repeat = [(n1, fixed + per_coord * n1 + 1.0), (n2, fixed + per_coord * n2 + 5.0)]
+    timings = [(n1, fixed + per_coord * n1), (n2, fixed + per_coord * n2), *noisy_repeat]
+    want = fixed + per_coord * n
+    assert math.isclose(predict_group_cost(timings, n), want, rel_tol=1e-6, abs_tol=1e-9)
+    # a single size: its per-coordinate rate, which overstates groups with a fixed part
+    one = predict_group_cost(timings[:1], n)
+    assert math.isclose(one, (fixed / n1 + per_coord) * n, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_probe_fit_rejects_no_timings():
+    with pytest.raises(ValueError, match="no probe timings"):
+        predict_group_cost([], 3)
+
+
 def test_measured_costs_give_the_expensive_group_fewer_coordinates(client):
     x = _x()
     with DistributedOracle(StagedSleepOracle, client, probe_coords=2) as o:
         assert o.balance == "cost"  # groups read from the oracle
         o.eval_coordinate_steps(x, np.arange(20, DIM), 0.1)  # only the cheap group: probed
         probed = o.calibration_queries
-        assert probed == 2 * 2  # best of two runs of 2 coordinates
+        assert probed == 2 * (2 + 8)  # best of two runs of 2 and of 8 coordinates
         assert np.isnan(o.group_costs.per_coord[0])
         got = o.eval_coordinate_steps(x, np.arange(DIM), 0.1)  # the new group gets probed
         assert o.calibration_queries == 2 * probed

@@ -175,6 +175,24 @@ def split_by_cost(coords: np.ndarray, costs: np.ndarray, parts: int) -> list[np.
     return [c for c in np.split(coords, cuts) if c.size]
 
 
+def predict_group_cost(timings: Sequence[tuple[int, float]], n: int) -> float:
+    """Seconds for one call on ``n`` coordinates of a group, from probe ``timings`` ``[(size,
+    seconds), ...]``: the line ``a + b size`` through the two sizes (``a, b >= 0``), or the
+    per-coordinate rate of a single size."""
+    by_size: dict[int, float] = {}
+    for size, seconds in timings:
+        by_size[size] = min(seconds, by_size.get(size, math.inf))
+    if not by_size:
+        raise ValueError("no probe timings")
+    if len(by_size) == 1:
+        ((size, seconds),) = by_size.items()
+        return seconds / size * n
+    (n1, t1), (n2, t2) = sorted(by_size.items())[0], sorted(by_size.items())[-1]
+    per_coord = max((t2 - t1) / (n2 - n1), 0.0)
+    fixed = max(t1 - per_coord * n1, 0.0)
+    return fixed + per_coord * n
+
+
 @dataclass(frozen=True)
 class GroupCosts:
     """Measured cost of the coordinates of each parameter group.
@@ -878,8 +896,15 @@ class DistributedOracle(BaseOracle):
     def _probe_unmeasured(
         self, coords: np.ndarray, step: float, vector_f: Any, buffers_f: Any
     ) -> None:
-        """Time ``probe_coords`` coordinates of every group of ``coords`` not measured yet,
-        spread over the workers. Later calls refine the costs from their own timings."""
+        """Time two small probes of every group of ``coords`` not measured yet, spread over
+        the workers, and predict each group's cost at its size in this call.
+
+        A group's call costs ``a + b n`` (a fixed part, e.g. the cached forward up to the
+        layer, plus a part per coordinate), so one tiny probe overstates the per-coordinate
+        cost of groups with a large fixed part. Probing ``n1 = probe_coords`` and ``n2 = 4
+        n1`` coordinates fits both parts; the prediction ``a + b m`` for the group's ``m``
+        coordinates is stored (provisional). Later calls refine it from their own timings.
+        """
         if self._costs is None:
             self._costs = self._empty_costs()
         group_ids = self._costs.group_of(coords)
@@ -887,11 +912,16 @@ class DistributedOracle(BaseOracle):
         todo = present[~np.isfinite(self._costs.per_coord[present])]
         if todo.size == 0:
             return
-        probes = []
+        probes, sizes = [], {}
         for g in todo:
             members = coords[group_ids == g]
-            n = min(self.probe_coords, members.size)
-            probes.append((int(g), members[np.linspace(0, members.size - 1, n).astype(np.int64)]))
+            sizes[int(g)] = members.size
+            for n in sorted(
+                {min(self.probe_coords, members.size), min(4 * self.probe_coords, members.size)}
+            ):
+                probes.append(
+                    (int(g), members[np.linspace(0, members.size - 1, n).astype(np.int64)])
+                )
         workers = self._workers()
         shares = [probes[i :: len(workers)] for i in range(len(workers))]
         self._calls += 1
@@ -910,10 +940,12 @@ class DistributedOracle(BaseOracle):
             for i, share in enumerate(shares)
             if share
         ]
-        samples = []
+        timings: dict[int, list[tuple[int, float]]] = {}
         for spent, share_samples in self._wait_all(futures, "cost probes"):
             self.calibration_queries += spent
-            samples.extend(share_samples)
+            for g, n, seconds in share_samples:
+                timings.setdefault(g, []).append((n, seconds))
+        samples = [(g, sizes[g], predict_group_cost(timings[g], sizes[g])) for g in timings]
         self._costs = self._costs.updated(samples, weight=1.0, provisional=True)
 
     @property
