@@ -232,6 +232,16 @@ def test_fallback_paths_are_exact():
         model, inputs, targets, coords, rel_tol=1e-8, per_sample_modules=(DataDependentStage,)
     )
     assert batched.stats["looped_ops"] < engine.stats["looped_ops"]
+    # the same option through ModuleOracle (and a distributed replica's recipe keeps it)
+    oracle = ModuleOracle(model, F.cross_entropy, per_sample_modules=(DataDependentStage,))
+    assert oracle.engine.per_sample_modules == (DataDependentStage,)
+    oracle.set_batch(inputs, targets)
+    x = oracle.view.flatten()
+    want = batched.coordinate_values(x, coords, MU, inputs, targets)
+    torch.testing.assert_close(oracle.eval_coordinate_steps(x, coords, MU), want)
+    plain = ModuleOracle(model, F.cross_entropy, inputs, targets)
+    torch.testing.assert_close(plain.eval_coordinate_steps(x, coords, MU), want)
+    assert oracle.engine.stats["looped_ops"] < plain.engine.stats["looped_ops"]
 
 
 # -- ModuleOracle ------------------------------------------------------------------------

@@ -1106,7 +1106,7 @@ class ModuleOracleFactory:
         loss_fn: picklable ``loss_fn(logits, targets) -> scalar`` (e.g. ``F.cross_entropy``).
         state: optional ``state_dict`` loaded into the built model.
         options: keyword arguments of ``ModuleOracle`` (``engine``, ``max_batch_bytes``,
-            ``memory_format``).
+            ``memory_format``, ``per_sample_modules``).
         device: where the replica lives (``"cpu"`` or ``"cuda"``).
         training: the replica's train/eval mode (BatchNorm uses batch statistics in training).
     """
@@ -1144,7 +1144,11 @@ class ModuleOracleFactory:
         engine = getattr(oracle, "engine", None)
         options: dict[str, Any] = {"engine": engine is not None}
         if engine is not None:
-            options.update(max_batch_bytes=engine.chunk_bytes, memory_format=engine.memory_format)
+            options.update(
+                max_batch_bytes=engine.chunk_bytes,
+                memory_format=engine.memory_format,
+                per_sample_modules=engine.per_sample_modules,
+            )
         else:
             options.update(max_batch_bytes=oracle.max_batch_bytes)
         device = str(oracle.view.device)

@@ -35,6 +35,9 @@ class ModuleOracle(BaseOracle):
             that all values round alike.
         loss_dtype: dtype the loss is reduced in (default float64, so the loss differences
             CGE divides by ``mu`` are not rounded to float32); values come back in it.
+        per_sample_modules: module types the engine may run once on all ``Q * B`` perturbed
+            samples of a chunk (they map each sample on its own and keep no state, e.g. a
+            black-box classifier stage); see :class:`SparseCGEEngine`.
         **policy: ``max_queries``, ``on_error``, ``on_nonfinite`` (see :class:`BaseOracle`).
     """
 
@@ -49,6 +52,7 @@ class ModuleOracle(BaseOracle):
         max_batch_bytes: int | None = None,
         memory_format: str = "auto",
         loss_dtype: torch.dtype | None = torch.float64,
+        per_sample_modules: tuple[type[nn.Module], ...] = (),
         **policy: Any,
     ):
         if not isinstance(module, nn.Module):
@@ -72,6 +76,7 @@ class ModuleOracle(BaseOracle):
                 chunk_bytes=max_batch_bytes,
                 memory_format=memory_format,
                 loss_dtype=loss_dtype,
+                per_sample_modules=per_sample_modules,
             )
             if engine
             else None
