@@ -31,6 +31,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q --timeout=1800
 
+# Quick versions of every benchmark (each prints JSON; a few minutes on 2 idle cores).
+# Paper-scale commands and recorded numbers: docs/engine.md, docs/scaling.md, docs/performance.md.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/estimator_overhead.py --json
+	$(BIN)/python benchmarks/cge_throughput.py --model resnet20 --batch 32 --sparsity 0.9 \
+		--coords 600 --budget-s 10 --rounds 2 --threads 1 --json
+	$(BIN)/python benchmarks/forward_parallel.py --workers 1 2 --sparsity 0.99 --json
+	$(BIN)/python benchmarks/classifier_api.py --json
+	$(BIN)/python benchmarks/wake_flow.py --resolutions 16x32 --batches 1 32 --steps 20
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
