@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ZOOPT = [sys.executable, "-m", "zoopt.cli"]
 
@@ -21,7 +22,7 @@ def run(args, cwd=None):
 def test_help_for_every_command():
     out = run(["--help"])
     assert out.returncode == 0 and "minimize" in out.stdout
-    for cmd in ("minimize", "demo", "train", "serve-classifier"):
+    for cmd in ("minimize", "demo", "train", "serve-classifier", "experiment"):
         out = run([cmd, "--help"])
         assert out.returncode == 0 and "usage: zoopt " + cmd in out.stdout
 
@@ -89,3 +90,20 @@ def test_errors_are_clear():
         and "zoopt: error: mu must be a finite number > 0, got -1.0" in out.stderr
     )
     assert "Traceback" not in out.stderr
+
+
+def test_experiment_lists_every_application_and_forwards_its_options(capsys):
+    from zoopt import cli
+
+    apps = Path(__file__).resolve().parents[1] / "applications"
+    names = {p.stem for p in apps.glob("*.py") if not p.stem.startswith("_")}
+    assert set(cli.EXPERIMENTS) == names
+    for name in sorted(names):
+        with pytest.raises(SystemExit) as info:
+            cli.main(["experiment", name, "--help"])  # the application's own --help
+        assert info.value.code == 0
+        assert "usage:" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        cli.main(["experiment", "no_such_experiment"])
+    assert info.value.code == 2
+    assert "invalid choice: 'no_such_experiment'" in capsys.readouterr().err
