@@ -255,6 +255,28 @@ def test_zo_gradient_matches_autograd_through_the_solver(sim, data, normalizatio
     assert oracle.base_value(x - step * zo) < oracle.base_value(x)
 
 
+def test_training_loss_is_the_mean_loss_over_the_whole_training_set(
+    sim, data, normalization, pairs
+):
+    sol = sol_task(sim, data, normalization)
+    full = sol.training_loss()
+    assert sol.oracle.queries == 0  # a diagnostic, not a query
+    x = sol.parameters_vector()
+    per_window = []
+    for i in range(len(sol.windows)):
+        sol.oracle.set_batch(*sol.window_batch(np.array([i])))
+        per_window.append(sol.oracle.base_value(x))
+    assert len(per_window) == 2 * (FRAMES - 3 + 1)
+    assert full == pytest.approx(np.mean(per_window), rel=1e-4)  # batched CG: see above
+
+    non = SupervisedCorrectionTask(make_model(normalization), pairs, sim, data[1])
+    inputs, reynolds, targets = (torch.from_numpy(a) for a in pairs)
+    with torch.no_grad():
+        pred = inputs + non.model(inputs, reynolds.float())
+    err = (pred.double() - targets.double()) / non.model.correction_std.double()
+    assert non.training_loss() == pytest.approx(float((err**2).mean()), rel=1e-6)
+
+
 def test_oracles_reject_bad_input(sim, data, normalization):
     model = make_model(normalization)
     oracle = SolverInTheLoopOracle(model, sim)
@@ -312,6 +334,29 @@ def test_each_method_trains_through_the_trainer(sim, data, normalization, pairs,
         assert summary["queries"] == 0 and task.oracle.grad_evaluations == 4
 
 
+def test_resume_restores_parameters_and_normalization(sim, data, normalization, pairs, tmp_path):
+    test = data[1]
+    cfg = TrainConfig(
+        method="fo", epochs=1, max_steps_per_epoch=2, lr=0.01, progress=False, plots=False
+    )
+    first = SupervisedCorrectionTask(make_model(normalization), pairs, sim, test, batch_size=4)
+    Trainer(first, cfg, tmp_path).fit()
+    # a different network: other initial weights and another correction scale
+    other = Normalization(**{**normalization.as_dict(), "correction_std": (1.0, 1.0)})
+    second = SupervisedCorrectionTask(make_model(other, seed=1), pairs, sim, test, batch_size=4)
+    Trainer(second, cfg, tmp_path, resume=True)
+    assert torch.equal(second.parameters_vector(), first.parameters_vector())
+    for name, value in first.model.named_buffers():
+        assert torch.equal(dict(second.model.named_buffers())[name], value)
+    # the loss is scaled by the restored buffer, not by the one the oracle was built with
+    first.oracle.set_batch(*pairs)
+    second.oracle.set_batch(*pairs)
+    x = first.parameters_vector()
+    assert second.oracle.base_value(x) == pytest.approx(first.oracle.base_value(x), rel=1e-12)
+    with pytest.raises(KeyError, match="not in the model"):
+        second.load_buffers_state({"no_such_buffer": torch.zeros(1)})
+
+
 # -- the application ------------------------------------------------------------------------
 def test_application_writes_mae_json_and_figures(cache_dir, tmp_path):
     from applications import zo_sol
@@ -334,6 +379,9 @@ def test_application_writes_mae_json_and_figures(cache_dir, tmp_path):
     assert result["zo_seconds_per_step"]["mean"] > 0
     assert result["zo_queries"] == 2 * result["zo_queries_per_step"] + 2 * (3 + 1)
     assert result["settings"]["sparsity"] == 0.95
+    for method in ("NON", "FO-SOL", "ZO-SOL"):
+        assert result["methods"][method]["steps"] == 2
+        assert np.isfinite(result["methods"][method]["train_loss"])
     for name in ("mae.png", "vorticity.png", "zo-sol/summary.json", "fo-sol/checkpoint.pt"):
         assert (out / name).stat().st_size > 0
 

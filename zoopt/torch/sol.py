@@ -46,6 +46,7 @@ from torch.func import functional_call, vmap
 
 from ..oracle import BaseOracle
 from .params import ParamView
+from .tasks import ModuleTaskMixin
 
 __all__ = [
     "CoarseSolver",
@@ -331,7 +332,6 @@ class _CorrectionOracle(BaseOracle):
         #: wall seconds of every call, by kind: "base_value", "coordinate_steps",
         #: "loss_and_grad", "batch".
         self.seconds: dict[str, list[float]] = defaultdict(list)
-        self._scale = model.correction_std.detach().double() if _has_scale(model) else None
 
     # -- to implement -------------------------------------------------------------------
     def _query_losses(self, params: dict[str, torch.Tensor], n: int) -> np.ndarray:
@@ -347,8 +347,9 @@ class _CorrectionOracle(BaseOracle):
     def _normalized_sq_error(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``((pred - target) / correction_std)^2`` in float64, same shape as ``pred``."""
         err = pred.double() - target.double()
-        if self._scale is not None:
-            err = err / self._scale
+        # read the buffer on every call: a resumed checkpoint may have replaced it
+        if _has_scale(self.model):
+            err = err / self.model.correction_std.detach().double()
         return err * err
 
     def _corrections(
@@ -671,8 +672,9 @@ def rollout_mae(
 # --------------------------------------------------------------------------------------
 # Tasks for zoopt.torch.train.Trainer
 # --------------------------------------------------------------------------------------
-class _CorrectionTask:
-    """What both tasks share: the flat parameters, buffers and the test evaluation."""
+class _CorrectionTask(ModuleTaskMixin):
+    """What both tasks share: the test evaluation (the flat parameters and the buffers,
+    i.e. the :class:`Normalization` a checkpoint carries, come from ``ModuleTaskMixin``)."""
 
     model: nn.Module
     oracle: _CorrectionOracle
@@ -680,26 +682,28 @@ class _CorrectionTask:
     test: Trajectories
     eval_steps: int | None
 
-    def parameters_vector(self) -> torch.Tensor:
-        return self.oracle.view.flatten()
-
-    def load_vector(self, x: torch.Tensor) -> None:
-        self.oracle.view.assign(x)
-
-    def buffers_state(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.named_buffers()}
-
-    def load_buffers_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.model.named_buffers())
-        for k, v in state.items():
-            own[k].copy_(v)
-
     def test_mae_per_simulation(self) -> np.ndarray:
         """``(test sims,)`` MAE of the corrected rollouts (see :func:`rollout_mae`)."""
         return rollout_mae(self.model, self.solver, self.test, self.eval_steps)
 
     def evaluate(self) -> dict[str, float]:
         return {"test_mae": float(self.test_mae_per_simulation().mean())}
+
+    def training_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The whole training set as one oracle batch."""
+        raise NotImplementedError  # pragma: no cover
+
+    def training_loss(self) -> float:
+        """The task's own loss over its whole training set at the current parameters.
+
+        A diagnostic (e.g. to pick a learning rate without looking at the test set): the
+        black-box path, one query, not counted and not timed; replaces the oracle's batch.
+        """
+        oracle = self.oracle
+        oracle.set_batch(*self.training_batch())
+        x = self.parameters_vector().reshape(1, -1).to(oracle.view.dtype)
+        with torch.no_grad():
+            return float(oracle._query_losses(oracle._stacked_params(x), 1)[0])
 
 
 def _check_batch_size(batch_size: Any) -> int:
@@ -777,6 +781,10 @@ class SolverInTheLoopTask(_CorrectionTask):
     def scoring_batch(self, rng: np.random.Generator) -> tuple:
         return self.window_batch(rng.choice(len(self.windows), self.batch_size, replace=False))
 
+    def training_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every training window (``len(windows)`` of them; one solver batch per step)."""
+        return self.window_batch(np.arange(len(self.windows)))
+
 
 class SupervisedCorrectionTask(_CorrectionTask):
     """NON training: minibatches of the pre-computed one-step pairs (see :func:`one_step_pairs`).
@@ -827,3 +835,7 @@ class SupervisedCorrectionTask(_CorrectionTask):
     def scoring_batch(self, rng: np.random.Generator) -> tuple:
         n = min(self.batch_size, self.inputs.shape[0])
         return self._batch(rng.choice(self.inputs.shape[0], n, replace=False))
+
+    def training_batch(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every pre-computed pair."""
+        return self.inputs, self.reynolds, self.targets
