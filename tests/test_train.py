@@ -141,6 +141,12 @@ def test_bad_config_values():
         TrainConfig(reshuffle_every=0)
 
 
+def _default_sigint() -> None:
+    # A shell without job control starts background jobs with SIGINT ignored, and a child
+    # inherits that; give the CLI the default Ctrl-C, as a user's terminal does.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _cli(args, **kw):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(
@@ -149,6 +155,7 @@ def _cli(args, **kw):
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        preexec_fn=_default_sigint,
         **kw,
     )
 
