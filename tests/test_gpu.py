@@ -153,7 +153,7 @@ def test_trainer_runs_deepzero_on_device(device, tmp_path):
     from zoopt.data import load_digits_split
     from zoopt.torch.models import build_model
     from zoopt.torch.tasks import ClassificationTask
-    from zoopt.torch.train import Trainer, TrainConfig
+    from zoopt.torch.train import TrainConfig, Trainer
 
     Xtr, ytr, Xte, yte = load_digits_split()
     torch.manual_seed(0)
