@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from zoopt.train_cli import build_task, config_from_args
+from zoopt.train_cli import build_task, config_from_args, train_args
 
 METHODS = ("fo", "cge", "rge")
 
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for width in cli.widths:
         for method in cli.methods:
-            args = argparse.Namespace(
+            args = train_args(
                 dataset=cli.dataset,
                 data_dir=cli.data_dir,
                 model="cnn8",
@@ -58,20 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                 epochs=cli.epochs,
                 batch_size=cli.batch_size,
                 lr=cli.lr,
-                momentum=0.9,
-                weight_decay=5e-4,
-                warmup_epochs=0,
-                mu=5e-3,
                 rge_q=1,
-                grasp_q=192,
-                reshuffle_every=5,
                 max_steps=cli.max_steps or None,
-                max_queries=None,
                 seed=cli.seed,
                 device=cli.device,
                 no_progress=cli.no_progress,
-                workers=None,
-                scheduler=None,
             )
             task, info = build_task(args)
             args.rge_q = info["parameters"]  # RGE gets q = d: the same queries as CGE

@@ -30,34 +30,11 @@ import json
 import sys
 from pathlib import Path
 
-from zoopt.train_cli import build_task, config_from_args
+from zoopt.train_cli import build_task, config_from_args, train_args
 
-# Embedded default recipe on digits: the paper's optimizer settings with a smaller batch
-# (64) so an epoch has 21 steps; equal epochs for both methods.
-DEFAULTS = dict(
-    dataset="digits",
-    data_dir=None,
-    model="cnn",
-    width=16,
-    sparsity=0.9,
-    ratios="zo-grasp",
-    epochs=20,
-    batch_size=64,
-    lr=0.1,
-    momentum=0.9,
-    weight_decay=5e-4,
-    warmup_epochs=0,
-    mu=5e-3,
-    rge_q=192,
-    grasp_q=192,
-    reshuffle_every=5,
-    max_steps=None,
-    max_queries=None,
-    seed=0,
-    device="cpu",
-    resume=False,
-    no_progress=False,
-)
+# Embedded default recipe on digits: `zoopt train`'s defaults (the paper's optimizer settings,
+# batch 64 and 20 epochs on digits), equal epochs for both methods.
+EPOCHS, SPARSITY = 20, 0.9
 
 
 def run(method: str, args: argparse.Namespace) -> dict:
@@ -73,15 +50,14 @@ def run(method: str, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="DeepZero vs first-order image classification.")
     ap.add_argument("--out", default="runs/image_classification")
-    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
-    ap.add_argument("--sparsity", type=float, default=DEFAULTS["sparsity"])
-    ap.add_argument("--seed", type=int, default=DEFAULTS["seed"])
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--sparsity", type=float, default=SPARSITY)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
     cli = ap.parse_args(argv)
-    args = argparse.Namespace(**{**DEFAULTS, **{k: v for k, v in vars(cli).items() if k != "out"}})
-    args.out = cli.out
+    args = train_args(**vars(cli))
 
     results = {m: run(m, args) for m in ("deepzero", "fo")}
     dz, fo = results["deepzero"], results["fo"]

@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from zoopt.train_cli import build_task, config_from_args
+from zoopt.train_cli import build_task, config_from_args, train_args
 
 RATIOS = ("zo-grasp", "random", "fo-grasp", "uniform")
 
@@ -43,25 +43,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from zoopt.torch.train import Trainer
 
-    base = dict(
-        width=16,
-        lr=0.1,
-        momentum=0.9,
-        weight_decay=5e-4,
-        warmup_epochs=0,
-        mu=5e-3,
-        rge_q=192,
-        grasp_q=192,
-        reshuffle_every=5,
-        max_queries=None,
-        resume=False,
-        workers=None,
-        scheduler=None,
-        method="deepzero",
-    )
     results = {}
     for ratios in cli.ratios:
-        args = argparse.Namespace(**base, **{**vars(cli), "ratios": ratios})
+        args = train_args(**{**vars(cli), "ratios": ratios})
         task, info = build_task(args)
         out = Path(cli.out) / ratios
         summary = Trainer(task, config_from_args(args), out, extra_summary=info).fit()

@@ -107,3 +107,17 @@ def test_experiment_lists_every_application_and_forwards_its_options(capsys):
         cli.main(["experiment", "no_such_experiment"])
     assert info.value.code == 2
     assert "invalid choice: 'no_such_experiment'" in capsys.readouterr().err
+
+
+def test_train_args_are_the_cli_defaults_plus_overrides():
+    from zoopt import cli
+    from zoopt.train_cli import train_args
+
+    parsed = cli.build_parser().parse_args(["train", "--out", "somewhere"])
+    args = train_args(batch_size=64, ratios="uniform", out="elsewhere")
+    want = {k: v for k, v in vars(parsed).items() if k not in ("command", "func")}
+    want.update(batch_size=64, ratios="uniform", out="elsewhere")
+    assert vars(args) == want
+    assert train_args().out is None and train_args().lr == parsed.lr
+    with pytest.raises(TypeError, match="no argument.*batchsize"):
+        train_args(batchsize=64)

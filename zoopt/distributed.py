@@ -187,7 +187,8 @@ def predict_group_cost(timings: Sequence[tuple[int, float]], n: int) -> float:
     if len(by_size) == 1:
         ((size, seconds),) = by_size.items()
         return seconds / size * n
-    (n1, t1), (n2, t2) = sorted(by_size.items())[0], sorted(by_size.items())[-1]
+    ordered = sorted(by_size.items())
+    (n1, t1), (n2, t2) = ordered[0], ordered[-1]
     per_coord = max((t2 - t1) / (n2 - n1), 0.0)
     fixed = max(t1 - per_coord * n1, 0.0)
     return fixed + per_coord * n

@@ -22,6 +22,31 @@ def add_train_parser(sub: Any) -> None:
         "masks, sparse CGE with feature reuse), the first-order baseline or RGE. Writes "
         "DIR/summary.json, DIR/metrics.jsonl, DIR/curves.png and DIR/checkpoint.pt.",
     )
+    _add_train_arguments(p)
+    p.set_defaults(func=run_train)
+
+
+def train_args(**overrides: Any) -> argparse.Namespace:
+    """The arguments of ``zoopt train``: its defaults, then ``overrides`` (by attribute name,
+    e.g. ``batch_size=64``). Applications build their runs from this, so that every setting
+    they do not choose is the CLI's own default rather than a copy of it.
+
+    Raises:
+        TypeError: an override that ``zoopt train`` does not have.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_train_arguments(parser)
+    args = parser.parse_args(["--out", ""])
+    args.out = None
+    unknown = sorted(set(overrides) - set(vars(args)))
+    if unknown:
+        raise TypeError(f"zoopt train has no argument(s) {', '.join(unknown)}")
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 python batches folder (cifar10)")
     p.add_argument("--model", choices=MODELS, default="cnn", help="cnn = small CNN (digits)")
@@ -66,7 +91,6 @@ def add_train_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=run_train)
 
 
 def build_task(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
