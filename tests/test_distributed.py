@@ -271,6 +271,12 @@ def test_probe_fit_recovers_a_fixed_plus_linear_cost(fixed, per_coord, n1, extra
 def test_probe_fit_rejects_no_timings():
     with pytest.raises(ValueError, match="no probe timings"):
         predict_group_cost([], 3)
+    with pytest.raises(ValueError, match=r"size >= 1.*\(0, 1\.0\)"):
+        predict_group_cost([(0, 1.0)], 3)
+    with pytest.raises(ValueError, match=r"seconds >= 0.*\(2, nan\)"):
+        predict_group_cost([(2, math.nan)], 3)
+    with pytest.raises(ValueError, match="n must be >= 0, got -1"):
+        predict_group_cost([(2, 1.0)], -1)
 
 
 def test_measured_costs_give_the_expensive_group_fewer_coordinates(client):

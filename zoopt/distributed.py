@@ -179,8 +179,14 @@ def predict_group_cost(timings: Sequence[tuple[int, float]], n: int) -> float:
     """Seconds for one call on ``n`` coordinates of a group, from probe ``timings`` ``[(size,
     seconds), ...]``: the line ``a + b size`` through the two sizes (``a, b >= 0``), or the
     per-coordinate rate of a single size."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n!r}")
     by_size: dict[int, float] = {}
     for size, seconds in timings:
+        if size < 1 or not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(
+                f"probe timings need a size >= 1 and finite seconds >= 0, got {(size, seconds)!r}"
+            )
         by_size[size] = min(seconds, by_size.get(size, math.inf))
     if not by_size:
         raise ValueError("no probe timings")
