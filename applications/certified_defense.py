@@ -34,8 +34,8 @@ ResNet-50 trained on those 10 classes, served by its owner)::
     ZOOPT_CLASSIFIER_TOKEN=$TOKEN python applications/certified_defense.py \\
         --out runs/defense-imagenet10 --data-dir ~/data/imagenet10 --image-size 224 \\
         --classifier-url http://127.0.0.1:8000 --classifier-weights resnet50_imagenet10.pth \\
-        --sigma 0.25 --q 1152 --batch-size 32 \\
-        --dncnn-depth 17 --dncnn-width 64 --epochs 20 --n0 100 --n 10000 --alpha 0.001 \\
+        --sigma 0.25 --q 1152 --batch-size 32 --dncnn-depth 17 --dncnn-width 64 \\
+        --pretrain-lr 0.01 --epochs 20 --n0 100 --n 10000 --alpha 0.001 \\
         --num-certify 500 --device cuda
 """
 
@@ -60,6 +60,8 @@ import numpy as np
 PAPER_RADII = (0.0, 0.25, 0.5, 0.75)
 METHOD_NAMES = {"fo-ds": "FO-DS", "zo-ae-ds": "ZO-AE-DS", "deepzero": "DeepZero"}
 TOKEN_ENV_VAR = "ZOOPT_CLASSIFIER_TOKEN"
+# --deepzero-other -> deepzero_budget(estimate_other=...)
+DEEPZERO_OTHER = {"auto": None, "always": True, "sampled": False}
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -169,6 +171,17 @@ def load_image_folder(
 
 
 # -- the classifier owner's side ----------------------------------------------------------
+def _fit(trainer: Any, lr_flag: str) -> dict[str, Any]:
+    """``trainer.fit()``, naming the learning-rate flag when the run diverges."""
+    try:
+        return trainer.fit()
+    except FloatingPointError as exc:
+        raise FloatingPointError(
+            f"{trainer.out.name}: {exc}: {lr_flag} {trainer.config.lr:g} is too high for this "
+            "model, lower it"
+        ) from exc
+
+
 def train_classifier(args: argparse.Namespace, data: ImageData, out: Path) -> Path:
     """Train the owner's ResNet-18 first-order (once; reused if the checkpoint exists) and save
     it with ``save_classifier_checkpoint`` (input normalization inside, pixels in [0, 1] out)."""
@@ -199,7 +212,7 @@ def train_classifier(args: argparse.Namespace, data: ImageData, out: Path) -> Pa
         args, "fo", args.classifier_lr, epochs=args.classifier_epochs, weight_decay=5e-4,
         max_steps_per_epoch=None,
     )  # fmt: skip
-    summary = Trainer(task, config, out / "classifier_training").fit()
+    summary = _fit(Trainer(task, config, out / "classifier_training"), "--classifier-lr")
     print(f"classifier: {args.classifier_arch} test accuracy {summary['test_accuracy']:.4f}")
     save_classifier_checkpoint(
         path,
@@ -309,7 +322,7 @@ def pretrain_denoiser(args: argparse.Namespace, data: ImageData, out: Path) -> d
         config = _train_config(
             args, "fo", args.pretrain_lr, epochs=args.pretrain_epochs, max_steps_per_epoch=None
         )
-        summary = Trainer(task, config, out / "denoiser_mse").fit()
+        summary = _fit(Trainer(task, config, out / "denoiser_mse"), "--pretrain-lr")
         print(f"denoiser: MSE pretraining, test MSE {summary['test_mse']:.5f}")
     return {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
 
@@ -337,7 +350,7 @@ def pretrain_autoencoder(args: argparse.Namespace, data: ImageData, out: Path) -
         args, "fo", args.ae_lr, epochs=args.pretrain_epochs, weight_decay=0.0,
         max_steps_per_epoch=None,
     )  # fmt: skip
-    summary = Trainer(task, config, out / "autoencoder").fit()
+    summary = _fit(Trainer(task, config, out / "autoencoder"), "--ae-lr")
     print(f"autoencoder: latent {args.q // 2}, test MSE {summary['test_mse']:.5f}")
     return ae
 
@@ -415,6 +428,7 @@ def train_defense(
     denoiser.load_state_dict(denoiser_state)
     modules = [denoiser]
     config_overrides: dict[str, Any] = {}
+    mask_groups = None  # DeepZero's mask only
     if method == "fo-ds":
         clf, _ = load_classifier(out / "classifier.pt")  # white box: the owner's weights
         oracle = dz.fo_ds_oracle(denoiser, clf.to(args.device))
@@ -434,8 +448,19 @@ def train_defense(
         oracle = dz.deepzero_oracle(denoiser, api)
         model = denoiser
         trainer_method = "deepzero"
+        estimate_other = DEEPZERO_OTHER[args.deepzero_other]
+        mask_groups, sparsity = dz.deepzero_budget(
+            oracle.view.groups, args.q, estimate_other=estimate_other
+        )
+        sampled_other = any(
+            a.kind != b.kind for a, b in zip(mask_groups, oracle.view.groups, strict=True)
+        )
+        print(
+            f"DeepZero: {args.q} coordinates per step; biases / BatchNorm "
+            + ("sampled like the weights" if sampled_other else "estimated at every step")
+        )
         config_overrides = dict(
-            sparsity=dz.deepzero_sparsity(oracle.view.groups, args.q),
+            sparsity=sparsity,
             ratios="zo-grasp",
             grasp_q=args.grasp_q,
             reshuffle_every=args.reshuffle_every,
@@ -456,15 +481,25 @@ def train_defense(
         grasp_per_class=args.grasp_per_class,
         device=args.device,
         seed=args.seed,
+        groups=mask_groups,
     )
     before = api.queries
     t0 = time.perf_counter()
-    summary = Trainer(
-        task,
-        _train_config(args, trainer_method, method_lr(args, method), **config_overrides),
-        out / method,
-        extra_summary={"defense_method": method},
-    ).fit()
+    summary = _fit(
+        Trainer(
+            task,
+            _train_config(
+                args,
+                trainer_method,
+                method_lr(args, method),
+                warmup_epochs=args.warmup_epochs,
+                **config_overrides,
+            ),
+            out / method,
+            extra_summary={"defense_method": method},
+        ),
+        f"--lr-{method}",
+    )
     wall = time.perf_counter() - t0
     api_images = api.queries - before - eval_labels.images
     steps = summary["steps"]
@@ -617,6 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr-zo-ae-ds", type=float, default=0.001)
     train.add_argument("--lr-deepzero", type=float, default=0.05)
     train.add_argument("--weight-decay", type=float, default=1e-4)
+    train.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        help="linear learning-rate warmup of the three methods (epochs, before the cosine)",
+    )
     train.add_argument("--mu", type=float, default=5e-3, help="finite-difference step")
     train.add_argument("--dncnn-depth", type=int, default=5)
     train.add_argument("--dncnn-width", type=int, default=16)
@@ -634,6 +675,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grasp-q", type=int, default=32, help="ZO-GraSP directions (DeepZero)")
     train.add_argument("--grasp-per-class", type=int, default=2)
     train.add_argument("--reshuffle-every", type=int, default=1, help="epochs between masks")
+    train.add_argument(
+        "--deepzero-other",
+        choices=tuple(DEEPZERO_OTHER),
+        default="auto",
+        help="DeepZero's biases / BatchNorm: estimated at every step (always; as the DeepZero "
+        "code), sampled like the weights by ZO-GraSP ratios (sampled), or always when they fit "
+        "in q (auto; the paper's DnCNN 17x64 has 1,984 of them against q = 1152)",
+    )
     train.add_argument("--chunk-images", type=int, default=8192, help="ZO-AE-DS images per call")
     train.add_argument("--num-validate", type=int, default=100, help="noisy test images per epoch")
     cert = p.add_argument_group("certification")
@@ -689,6 +738,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ValueError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
             )
+    if isinstance(args.warmup_epochs, bool) or not 0 <= args.warmup_epochs < args.epochs:
+        raise ValueError(
+            f"--warmup-epochs must lie in [0, --epochs = {args.epochs}), got {args.warmup_epochs!r}"
+        )
     if not (args.sigma > 0 and math.isfinite(args.sigma)):
         raise ValueError(f"--sigma must be a positive number, got {args.sigma!r}")
     if not 0 < args.alpha < 1:
@@ -709,6 +762,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     data = load_data(args)
     print(f"data: {data.name}, train {data.X_train.shape}, test {data.X_test.shape}")
+    if "deepzero" in args.methods:  # an impossible budget fails now, not after an hour
+        from zoopt.torch.defense import ParamView, deepzero_budget
+
+        estimate_other = DEEPZERO_OTHER[args.deepzero_other]
+        groups = ParamView(build_denoiser(args, data.shape[0])).groups
+        deepzero_budget(groups, args.q, estimate_other=estimate_other)
     checkpoint = out / "classifier.pt"  # the owner's weights: served, and FO-DS's white box
     if args.classifier_weights is not None:
         if args.classifier_weights.resolve() != checkpoint.resolve():

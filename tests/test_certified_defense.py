@@ -95,6 +95,7 @@ def task_for(method, data, labels, api, owner_model, q, batch_size=8):
     denoiser = small_denoiser()
     modules = [denoiser]
     overrides = {}
+    groups = None  # DeepZero's mask groups
     if method == "fo-ds":
         oracle, model, trainer_method = dz.fo_ds_oracle(denoiser, owner_model), denoiser, "fo"
     elif method == "zo-ae-ds":
@@ -104,11 +105,13 @@ def task_for(method, data, labels, api, owner_model, q, batch_size=8):
         model, trainer_method, modules = oracle.trainable, "fo", [denoiser, ae.encoder, ae.decoder]
     else:
         oracle, model, trainer_method = dz.deepzero_oracle(denoiser, api), denoiser, "deepzero"
-        overrides = dict(sparsity=dz.deepzero_sparsity(oracle.view.groups, q), grasp_q=3)
+        groups, sparsity = dz.deepzero_budget(oracle.view.groups, q)
+        overrides = dict(sparsity=sparsity, grasp_q=3)
     evaluate = as_label_function(api, preprocess=dz.pipeline_preprocess(*modules))
     task = dz.DenoiserTask(
         model, oracle, (data.X_train, labels), (data.X_test[:8], data.y_test[:8]),
         sigma=SIGMA, batch_size=batch_size, evaluate_labels=evaluate, grasp_per_class=1,
+        groups=groups,
     )  # fmt: skip
     return task, trainer_method, overrides
 
@@ -162,22 +165,54 @@ def test_batched_engine_equals_the_naive_forward_per_coordinate(api, labels, dat
     frac=st.floats(0.0, 1.0),
     seed=st.integers(0, 99),
 )
-def test_deepzero_sparsity_makes_the_mask_exactly_q_coordinates(depth, width, frac, seed):
+def test_deepzero_budget_makes_the_mask_exactly_q_coordinates(depth, width, frac, seed):
+    """When the biases / BatchNorm parameters fit they are all in every mask (the DeepZero
+    code); below that every group is sampled; either way the mask holds exactly q."""
     groups = dz.ParamView(DnCNN(1, depth=depth, features=width)).groups
     other = sum(g.stop - g.start for g in groups if g.kind != "weight")
     weights = [g.stop - g.start for g in groups if g.kind == "weight"]
-    q = other + len(weights) + int(frac * (sum(weights) - len(weights)))
-    s = dz.deepzero_sparsity(groups, q)
-    scores = np.random.default_rng(seed).standard_normal(groups[-1].stop)
-    ratios = sp.keep_ratios_from_scores(scores, groups, s)
-    mask = sp.DynamicMask(groups, ratios, reshuffle_every=1, seed=seed)
+    total = other + sum(weights)
+    q = len(groups) + int(frac * (total - len(groups)))
+    mask_groups, s = dz.deepzero_budget(groups, q)
+    fits = other + len(weights) <= q
+    assert [g.kind for g in mask_groups] == (
+        [g.kind for g in groups] if fits else ["weight"] * len(groups)
+    )
+    assert [(g.name, g.start, g.stop) for g in mask_groups] == [
+        (g.name, g.start, g.stop) for g in groups
+    ]
+    scores = np.random.default_rng(seed).standard_normal(total)
+    ratios = sp.keep_ratios_from_scores(scores, mask_groups, s)
+    mask = sp.DynamicMask(mask_groups, ratios, reshuffle_every=1, seed=seed)
     assert mask.coords().size == q
+    if fits:
+        assert all(mask.counts[g.name] == g.size for g in groups if g.kind != "weight")
+    if q < total:  # forced "sampled": the same count, biases / BatchNorm no longer all in
+        forced, s2 = dz.deepzero_budget(groups, q, estimate_other=False)
+        ratios2 = sp.keep_ratios_from_scores(scores, forced, s2)
+        assert sp.DynamicMask(forced, ratios2, reshuffle_every=1, seed=seed).coords().size == q
 
 
-def test_deepzero_sparsity_rejects_an_impossible_budget():
-    groups = dz.ParamView(DnCNN(1, depth=3, features=4)).groups
-    with pytest.raises(ValueError, match="coords=3"):
-        dz.deepzero_sparsity(groups, 3)
+def test_deepzero_budget_rejects_an_impossible_budget():
+    groups = dz.ParamView(DnCNN(1, depth=3, features=4)).groups  # 12 "other", 3 weight layers
+    with pytest.raises(ValueError, match="coords=3 must cover the 12 non-prunable"):
+        dz.deepzero_budget(groups, 3, estimate_other=True)
+    with pytest.raises(ValueError, match="coords=3 must lie between 6"):
+        dz.deepzero_budget(groups, 3)
+    with pytest.raises(ValueError, match="coords must be a positive integer, got 0"):
+        dz.deepzero_budget(groups, 0)
+
+
+def test_paper_scale_dncnn_budget_samples_its_batchnorm():
+    """DnCNN 17 x 64 at the paper's q = 1152: 1,984 biases / BatchNorm parameters do not fit,
+    so every group is sampled (the documented paper-scale command used to fail here)."""
+    groups = dz.ParamView(DnCNN(3, depth=17, features=64)).groups
+    assert sum(g.size for g in groups if g.kind != "weight") > 1152
+    mask_groups, s = dz.deepzero_budget(groups, 1152)
+    assert all(g.kind == "weight" for g in mask_groups)
+    scores = np.random.default_rng(0).standard_normal(groups[-1].stop)
+    ratios = sp.keep_ratios_from_scores(scores, mask_groups, s)
+    assert sp.DynamicMask(mask_groups, ratios, reshuffle_every=1, seed=0).coords().size == 1152
 
 
 # -- ZO-AE-DS ---------------------------------------------------------------------------------
@@ -259,9 +294,10 @@ def test_each_method_trains_through_the_trainer_over_http(
     assert (tmp_path / "checkpoint.pt").exists()
 
 
-def test_zo_methods_spend_equal_queries_per_step(data, labels, api, owner_model, tmp_path):
+@pytest.mark.parametrize("q", [16, 10])  # 10: DeepZero's biases / BatchNorm (12) are sampled
+def test_zo_methods_spend_equal_queries_per_step(q, data, labels, api, owner_model, tmp_path):
     """Both ZO methods send (q + 1) * B images per step; the trainer counts q + 1 queries."""
-    q, batch, steps, grasp_q = 16, 8, 2, 3
+    batch, steps, grasp_q = 8, 2, 3
     spent = {}
     for method in ("zo-ae-ds", "deepzero"):
         task, trainer_method, overrides = task_for(method, data, labels, api, owner_model, q, batch)
@@ -393,7 +429,7 @@ def test_image_folder_loads_square_rgb_pixels_with_folder_labels(tmp_path):
 
 def test_app_rejects_bad_settings():
     for argv, match in ((["--sigma", "0"], "sigma"), (["--q", "0"], "--q"),
-                        (["--alpha", "1.5"], "alpha")):  # fmt: skip
+                        (["--alpha", "1.5"], "alpha"), (["--warmup-epochs", "4"], "warmup")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             app.check_args(app.build_parser().parse_args(argv))
     with pytest.raises(SystemExit):
@@ -431,3 +467,31 @@ def test_app_end_to_end_on_a_tiny_setting(tmp_path):
     assert (out / "certified_accuracy.png").stat().st_size > 0
     assert "| DeepZero |" in (out / "table.md").read_text()
     assert "| FO-DS |" in done.stdout
+
+
+def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path):
+    """An impossible DeepZero budget fails before any training; a diverging run names the
+    learning-rate flag to lower."""
+    from oracles.resnet import build_resnet, save_classifier_checkpoint
+
+    torch.manual_seed(0)
+    weights = tmp_path / "owner.pt"
+    model = build_resnet("resnet18", num_classes=10, in_channels=1).eval()
+    save_classifier_checkpoint(weights, model, "resnet18", input_shape=SHAPE)
+    base = ["--classifier-weights", str(weights), "--image-size", "8", "--batch-size", "8",
+            "--epochs", "1", "--steps-per-epoch", "1", "--pretrain-epochs", "1",
+            "--dncnn-depth", "3", "--dncnn-width", "4", "--local", "--no-progress"]  # fmt: skip
+    bad_q = base + ["--out", str(tmp_path / "q"), "--methods", "deepzero", "--q", "14"]
+    with pytest.raises(ValueError, match="coords=14 must cover the 12 non-prunable"):
+        app.run(app.build_parser().parse_args(bad_q + ["--deepzero-other", "always"]))
+    assert not (tmp_path / "q" / "denoiser_mse").exists()  # nothing trained
+    diverging = base + [
+        "--out",
+        str(tmp_path / "lr"),
+        "--methods",
+        "fo-ds",
+        "--pretrain-lr",
+        "1e12",
+    ]
+    with pytest.raises(FloatingPointError, match=r"denoiser_mse: .*--pretrain-lr 1e\+12"):
+        app.run(app.build_parser().parse_args(diverging))

@@ -21,8 +21,8 @@ get the gradient, all trained by :class:`zoopt.torch.train.Trainer`:
 Query accounting (both ZO methods): one *query* is one evaluation of the loss on the batch,
 i.e. ``B`` images sent to the classifier API. A step costs ``q + 1`` queries: ``q`` perturbed
 evaluations (DeepZero: ``q`` coordinates of D; ZO-AE-DS: ``q / 2`` latent coordinates, two
-signs) plus the unperturbed one. :func:`deepzero_sparsity` picks the sparsity that makes
-DeepZero's mask exactly ``q`` coordinates.
+signs) plus the unperturbed one. :func:`deepzero_budget` picks the mask groups and
+the sparsity that make DeepZero's mask exactly ``q`` coordinates.
 
 Images are float32 ``(n, C, H, W)`` in the classifier's input units (pixels in [0, 1]).
 """
@@ -43,7 +43,7 @@ from .. import data as zdata
 from ..certify import Certificate, certified_accuracy, certify
 from ..oracle import BaseOracle
 from .oracle import ModuleOracle
-from .params import ParamView, preserved_buffers
+from .params import ParamGroup, ParamView, preserved_buffers
 from .tasks import ModuleTaskMixin
 
 METHODS = ("fo-ds", "zo-ae-ds", "deepzero")
@@ -180,23 +180,59 @@ def deepzero_oracle(
     )
 
 
-def deepzero_sparsity(groups: Sequence[Any], coords: int) -> float:
-    """The gradient sparsity at which DeepZero's mask holds exactly ``coords`` coordinates.
+def deepzero_budget(
+    groups: Sequence[Any], coords: int, *, estimate_other: bool | None = None
+) -> tuple[list[Any], float]:
+    """DeepZero's mask groups and the sparsity at which its mask holds exactly ``coords``
+    coordinates per step.
 
-    Non-prunable groups (biases, BatchNorm) are always in the mask; the rest of the budget goes
-    to the prunable weights, of which global pruning keeps exactly ``N - round(s * N)``.
+    As in the DeepZero reference code, biases and BatchNorm parameters (kind ``"other"``)
+    are estimated at every step and the rest of the budget goes to the prunable weights, of
+    which global pruning keeps exactly ``N - round(s * N)``. That needs ``coords >= other +
+    one weight per layer``; the paper's DnCNN 17 x 64 has 1,984 such parameters against
+    ``q = 1152``. Then (``estimate_other=None``, automatic) or when ``estimate_other=False``,
+    every group is made prunable (``kind="weight"``), so that ZO-GraSP's layer ratios split
+    the budget over weights, biases and BatchNorm alike.
+
+    Args:
+        groups: ``ParamView.groups`` (``.name``, ``.start``, ``.stop``, ``.kind``).
+        coords: coordinates per step, ``q``.
+        estimate_other: True: biases / BatchNorm always in the mask (an error if they do not
+            fit); False: sampled like the weights; None: True when they fit.
+
+    Returns:
+        ``(mask_groups, sparsity)``: the groups to give the mask (``DenoiserTask(groups=...)``)
+        and the sparsity of their prunable part.
     """
+    if isinstance(coords, bool) or not isinstance(coords, int | np.integer) or coords < 1:
+        raise ValueError(f"coords must be a positive integer, got {coords!r}")
     other = sum(g.stop - g.start for g in groups if g.kind != "weight")
     layers = [g.stop - g.start for g in groups if g.kind == "weight"]
-    total = sum(layers)
-    kept = coords - other
-    if kept < len(layers) or kept > total:
-        raise ValueError(
-            f"coords={coords} must cover the {other} non-prunable coordinates plus between "
-            f"{len(layers)} (one per layer) and {total} weights; choose q in "
-            f"[{other + len(layers)}, {other + total}]"
+    fits = len(layers) <= coords - other <= sum(layers)
+    if estimate_other is None:
+        estimate_other = fits or other == 0
+    if estimate_other:
+        if not fits:
+            raise ValueError(
+                f"coords={coords} must cover the {other} non-prunable coordinates plus between "
+                f"{len(layers)} (one per layer) and {sum(layers)} weights; choose q in "
+                f"[{other + len(layers)}, {other + sum(layers)}] or sample the biases / "
+                "BatchNorm parameters too (estimate_other=False)"
+            )
+        return list(groups), (sum(layers) - (coords - other)) / sum(layers)
+    mask_groups = [
+        ParamGroup(
+            g.name, g.start, g.stop, tuple(getattr(g, "shape", (g.stop - g.start,))), "weight"
         )
-    return (total - kept) / total
+        for g in groups
+    ]
+    total = sum(g.stop - g.start for g in mask_groups)
+    if not len(mask_groups) <= coords <= total:
+        raise ValueError(
+            f"coords={coords} must lie between {len(mask_groups)} (one per parameter tensor) "
+            f"and {total} (all parameters)"
+        )
+    return mask_groups, (total - coords) / total
 
 
 # -- FO-DS ----------------------------------------------------------------------------------
@@ -486,6 +522,8 @@ class DenoiserTask(_TaskBase):
             the API: each epoch's check costs ``len(test)`` queries of one image).
         grasp_per_class: images per class in the ZO-GraSP scoring batch.
         device: where the trained modules live.
+        groups: the parameter groups DeepZero's mask and ZO-GraSP see (default the oracle's
+            ``view.groups``; :func:`deepzero_budget` may relabel them all prunable).
     """
 
     def __init__(
@@ -501,6 +539,7 @@ class DenoiserTask(_TaskBase):
         grasp_per_class: int = 2,
         device: str | torch.device = "cpu",
         seed: int = 0,
+        groups: Sequence[Any] | None = None,
     ):
         _check_images_labels("train", train)
         _check_images_labels("test", test)
@@ -510,7 +549,7 @@ class DenoiserTask(_TaskBase):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.model = model.train()
         self.oracle = oracle
-        self.groups = oracle.view.groups
+        self.groups = list(oracle.view.groups if groups is None else groups)
         self.X_train, self.y_train = train
         self.X_test, self.y_test = test
         self.sigma = float(sigma)
