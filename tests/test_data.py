@@ -129,6 +129,14 @@ def test_cifar10_reads_standard_batches(tmp_path, nested):
     np.testing.assert_allclose(X_test, normalized(raw_test), rtol=1e-5, atol=1e-5)
 
 
+def test_cifar10_pixels_without_normalization(tmp_path):
+    raw_train, _, raw_test, _ = fake_cifar(tmp_path)
+    X_train, _, X_test, _ = data.load_cifar10(tmp_path, normalize=False)
+    np.testing.assert_allclose(X_train, raw_train / 255.0, rtol=1e-6)
+    np.testing.assert_allclose(X_test, raw_test / 255.0, rtol=1e-6)
+    assert X_train.dtype == np.float32 and 0.0 <= X_train.min() and X_train.max() <= 1.0
+
+
 def test_cifar10_reads_python2_pickles(tmp_path):
     raw_train, y_train_raw, _, _ = fake_cifar(tmp_path)
     r = np.random.default_rng(5)

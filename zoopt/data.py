@@ -268,6 +268,13 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
+def _cifar_pixels(data: np.ndarray) -> np.ndarray:
+    """uint8 ``(n, 3072)`` → float32 ``(n, 3, 32, 32)`` pixels in [0, 1]."""
+    images = data.reshape(-1, 3, 32, 32).astype(np.float32)
+    images /= 255.0
+    return images
+
+
 def _normalize_cifar(data: np.ndarray) -> np.ndarray:
     """uint8 ``(n, 3072)`` → float32 ``(n, 3, 32, 32)``, (x/255 − mean)/std per channel."""
     images = data.reshape(-1, 3, 32, 32).astype(np.float32)
@@ -278,12 +285,15 @@ def _normalize_cifar(data: np.ndarray) -> np.ndarray:
     return images
 
 
-def load_cifar10(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def load_cifar10(
+    data_dir: str | Path, *, normalize: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """CIFAR-10 from the standard python pickle batches.
 
     Looks for ``data_batch_1`` … ``data_batch_5`` and ``test_batch`` in ``data_dir`` or
     ``data_dir/cifar-10-batches-py``. Images are normalized per channel with
-    :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`: x ← (x/255 − mean)/std.
+    :data:`CIFAR10_MEAN` / :data:`CIFAR10_STD`: x ← (x/255 − mean)/std; with
+    ``normalize=False`` they are pixels in [0, 1] (x/255).
 
     Returns:
         ``(X_train, y_train, X_test, y_test)``: float32 ``(n, 3, 32, 32)`` and int64 ``(n,)``.
@@ -295,9 +305,10 @@ def load_cifar10(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarr
     folder = _cifar_folder(data_dir)
     train = [_read_cifar_batch(folder / name) for name in _CIFAR_TRAIN_FILES]
     test_data, test_labels = _read_cifar_batch(folder / _CIFAR_TEST_FILE)
-    X_train = _normalize_cifar(np.concatenate([d for d, _ in train]))
+    scale = _normalize_cifar if normalize else _cifar_pixels
+    X_train = scale(np.concatenate([d for d, _ in train]))
     y_train = np.concatenate([lab for _, lab in train])
-    return X_train, y_train, _normalize_cifar(test_data), test_labels
+    return X_train, y_train, scale(test_data), test_labels
 
 
 # -- augmentation and batching -----------------------------------------------------------
