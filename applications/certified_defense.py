@@ -337,6 +337,14 @@ def build_denoiser(args: argparse.Namespace, channels: int) -> Any:
     return DnCNN(channels, depth=args.dncnn_depth, features=args.dncnn_width).to(args.device)
 
 
+def deepzero_budget(args: argparse.Namespace, groups: Sequence[Any]) -> tuple[list[Any], float]:
+    """DeepZero's mask groups and sparsity for ``--q`` coordinates per step and
+    ``--deepzero-other`` (``zoopt.torch.defense.deepzero_budget``)."""
+    from zoopt.torch import defense as dz
+
+    return dz.deepzero_budget(groups, args.q, estimate_other=DEEPZERO_OTHER[args.deepzero_other])
+
+
 def pretrain_denoiser(args: argparse.Namespace, data: ImageData, out: Path) -> dict[str, Any]:
     """The common starting point of all three methods: a DnCNN trained (white box, on the
     defender's own images, no classifier) to map ``x + delta`` to ``x`` (MSE), as in denoised
@@ -480,10 +488,7 @@ def train_defense(
         oracle = dz.deepzero_oracle(denoiser, api)
         model = denoiser
         trainer_method = "deepzero"
-        estimate_other = DEEPZERO_OTHER[args.deepzero_other]
-        mask_groups, sparsity = dz.deepzero_budget(
-            oracle.view.groups, args.q, estimate_other=estimate_other
-        )
+        mask_groups, sparsity = deepzero_budget(args, oracle.view.groups)
         sampled_other = any(
             a.kind != b.kind for a, b in zip(mask_groups, oracle.view.groups, strict=True)
         )
@@ -815,11 +820,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     data = load_data(args)
     print(f"data: {data.name}, train {data.X_train.shape}, test {data.X_test.shape}")
     if "deepzero" in args.methods:  # an impossible budget fails now, not after an hour
-        from zoopt.torch.defense import ParamView, deepzero_budget
+        from zoopt.torch.defense import ParamView
 
-        estimate_other = DEEPZERO_OTHER[args.deepzero_other]
-        groups = ParamView(build_denoiser(args, data.shape[0])).groups
-        deepzero_budget(groups, args.q, estimate_other=estimate_other)
+        deepzero_budget(args, ParamView(build_denoiser(args, data.shape[0])).groups)
     checkpoint = out / "classifier.pt"  # the owner's weights: served, and FO-DS's white box
     if args.classifier_weights is not None:
         if args.classifier_weights.resolve() != checkpoint.resolve():
