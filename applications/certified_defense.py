@@ -364,6 +364,17 @@ def pretrain_denoiser(args: argparse.Namespace, data: ImageData, out: Path) -> d
         )
         summary = _fit(Trainer(task, config, out / "denoiser_mse"), "--pretrain-lr")
         print(f"denoiser: MSE pretraining, test MSE {summary['test_mse']:.5f}")
+        # returning the noisy input scores sigma^2; a denoiser near that has collapsed (dead
+        # ReLUs after a too-large step: seen with DnCNN 5 x 32 at lr 0.05) and would make
+        # the three methods' comparison meaningless, so stop before spending the hour
+        identity_mse = args.sigma**2
+        if not summary["test_mse"] < 0.9 * identity_mse:
+            raise RuntimeError(
+                f"denoiser MSE pretraining did not learn to denoise: test MSE "
+                f"{summary['test_mse']:.5f}, while returning the noisy input scores "
+                f"{identity_mse:.5f} (sigma^2); lower --pretrain-lr (now {args.pretrain_lr:g}) "
+                "or raise --pretrain-epochs"
+            )
     return {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
 
 

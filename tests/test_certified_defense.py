@@ -499,7 +499,7 @@ def test_app_end_to_end_on_a_tiny_setting(tmp_path):
 
 def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path):
     """An impossible DeepZero budget fails before any training; a diverging run names the
-    learning-rate flag to lower."""
+    learning-rate flag to lower; so does an MSE pretraining that never beat the identity."""
     from oracles.resnet import build_resnet, save_classifier_checkpoint
 
     torch.manual_seed(0)
@@ -523,3 +523,7 @@ def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path)
     ]
     with pytest.raises(FloatingPointError, match=r"denoiser_mse: .*--pretrain-lr 1e\+12"):
         app.run(app.build_parser().parse_args(diverging))
+    # a denoiser that never learned (lr 0) is no better than returning the noisy input
+    frozen = base + ["--out", str(tmp_path / "lr0"), "--methods", "fo-ds", "--pretrain-lr", "0"]
+    with pytest.raises(RuntimeError, match=r"did not learn to denoise.*--pretrain-lr \(now 0\)"):
+        app.run(app.build_parser().parse_args(frozen))
