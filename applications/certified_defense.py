@@ -125,6 +125,8 @@ def class_interleaved(labels: Sequence[int] | np.ndarray, count: int) -> np.ndar
     """Indices of the first ``count`` items taken round-robin over the classes (the first
     item of every class in class order, then every second item, ...), order kept within a
     class: a class-balanced subset that is the same on every run."""
+    if isinstance(count, bool) or not isinstance(count, int | np.integer) or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
     rank, seen = [], {}  # rank: position of the item within its class
     for y in labels:
         rank.append(seen.get(int(y), 0))
@@ -789,9 +791,10 @@ def load_data(args: argparse.Namespace) -> ImageData:
 def check_args(args: argparse.Namespace) -> None:
     """Clear errors for settings the run cannot use."""
     positive = ("image_size", "q", "batch_size", "epochs", "n0", "n", "num_certify", "api_batch")
-    for name in positive:
+    optional = ("max_images",)  # None: no cap
+    for name in positive + tuple(n for n in optional if getattr(args, n) is not None):
         value = getattr(args, name)
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(
                 f"--{name.replace('_', '-')} must be a positive integer, got {value!r}"
             )
@@ -803,12 +806,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--sigma must be a positive number, got {args.sigma!r}")
     if not 0 < args.alpha < 1:
         raise ValueError(f"--alpha must lie in (0, 1), got {args.alpha!r}")
-    if args.max_images is not None and (
-        isinstance(args.max_images, bool)
-        or not isinstance(args.max_images, int)
-        or args.max_images < 1
-    ):
-        raise ValueError(f"--max-images must be a positive integer, got {args.max_images!r}")
     if args.dataset == "cifar10" and not args.data_dir:
         raise ValueError(
             "--dataset cifar10 reads your CIFAR-10 python batches: pass --data-dir FOLDER "

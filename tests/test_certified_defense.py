@@ -449,6 +449,9 @@ def test_class_interleaved_takes_classes_round_robin():
     labels = [2, 0, 0, 1, 2, 0, 1]
     assert list(app.class_interleaved(labels, 10)) == [1, 3, 0, 2, 6, 4, 5]
     assert list(app.class_interleaved(labels, 3)) == [1, 3, 0]
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="count must be a positive integer"):
+            app.class_interleaved(labels, bad)
 
 
 def test_app_rejects_bad_settings():
@@ -464,14 +467,20 @@ def test_app_rejects_bad_settings():
         app.build_parser().parse_args(["--methods", "fo-ds,magic"])
 
 
-def test_app_end_to_end_on_a_tiny_setting(tmp_path):
-    """The command line, over HTTP on 127.0.0.1, with a given (untrained) ResNet-18 checkpoint."""
+def untrained_owner_checkpoint(tmp_path):
+    """An untrained ResNet-18 for SHAPE saved as the owner's checkpoint; returns its path."""
     from oracles.resnet import build_resnet, save_classifier_checkpoint
 
     torch.manual_seed(0)
     weights = tmp_path / "owner.pt"
     model = build_resnet("resnet18", num_classes=10, in_channels=1).eval()
     save_classifier_checkpoint(weights, model, "resnet18", input_shape=SHAPE)
+    return weights
+
+
+def test_app_end_to_end_on_a_tiny_setting(tmp_path):
+    """The command line, over HTTP on 127.0.0.1, with a given (untrained) ResNet-18 checkpoint."""
+    weights = untrained_owner_checkpoint(tmp_path)
     out = tmp_path / "run"
     argv = [
         sys.executable, str(ROOT / "applications" / "certified_defense.py"), "--out", str(out),
@@ -500,12 +509,7 @@ def test_app_end_to_end_on_a_tiny_setting(tmp_path):
 def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path):
     """An impossible DeepZero budget fails before any training; a diverging run names the
     learning-rate flag to lower; so does an MSE pretraining that never beat the identity."""
-    from oracles.resnet import build_resnet, save_classifier_checkpoint
-
-    torch.manual_seed(0)
-    weights = tmp_path / "owner.pt"
-    model = build_resnet("resnet18", num_classes=10, in_channels=1).eval()
-    save_classifier_checkpoint(weights, model, "resnet18", input_shape=SHAPE)
+    weights = untrained_owner_checkpoint(tmp_path)
     base = ["--classifier-weights", str(weights), "--image-size", "8", "--batch-size", "8",
             "--epochs", "1", "--steps-per-epoch", "1", "--pretrain-epochs", "1",
             "--dncnn-depth", "3", "--dncnn-width", "4", "--local", "--no-progress"]  # fmt: skip
