@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 # would pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test test-all lint format bench clean
+.PHONY: demo test test-all lint format bench bench-gpu clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -40,6 +40,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/forward_parallel.py --workers 1 2 --sparsity 0.99 --json
 	$(BIN)/python benchmarks/classifier_api.py --json
 	$(BIN)/python benchmarks/wake_flow.py --resolutions 16x32 --batches 1 32 --steps 20
+	$(BIN)/python benchmarks/model_zoo.py --budget-s 2 --rounds 1 --truth-coords 16 --json
+
+# The GPU suite (benchmarks/gpu_suite.py): needs CUDA, no set-up of its own (it runs with
+# the interpreter given as BENCH_PY, e.g. on a GPU machine whose python3 already has torch).
+BENCH_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+bench-gpu:
+	$(BENCH_PY) benchmarks/gpu_suite.py --out $${OUT:-.}/gpu_suite.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

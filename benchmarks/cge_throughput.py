@@ -99,12 +99,16 @@ def timed(fn, device: str):
 
 
 def count_macs(model, engine, block, x, inputs, targets, coords, mu) -> dict:
-    """Multiply-accumulates per query in conv/linear modules, counted with forward hooks.
+    """Multiply-accumulates per query in conv/linear layers.
 
-    Their ratios are the speedups each method would get if time were proportional to conv
-    and linear work alone. (The engine's one-channel convolutions run as a batched matmul
-    outside any module and are not counted; each is 1/C_in of a conv.)
+    The full forward and block reuse are counted with forward hooks on the conv/linear
+    modules. The engine runs its convolutions and linear layers outside the modules (one-
+    channel convs as batched matmuls, rank-one linear updates, dense batches through
+    ``F.conv2d``), so its count is its own cost model (``engine.plan_rows``: the same
+    multiply-adds, per parameter tensor), averaged over the coordinates. Their ratios are the
+    speedups each method would get if time were proportional to conv and linear work alone.
     """
+    import numpy as np
     import torch
     from torch import nn
 
@@ -118,7 +122,6 @@ def count_macs(model, engine, block, x, inputs, targets, coords, mu) -> dict:
         else:
             count[0] += out.numel() * m.in_features
 
-    engine.base_forward(x, inputs, targets)  # cached: count the queries only
     layers = [m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     handles = [m.register_forward_hook(hook) for m in layers]
     try:
@@ -126,14 +129,15 @@ def count_macs(model, engine, block, x, inputs, targets, coords, mu) -> dict:
             model(inputs)
         full = count[0]
         count[0] = 0
-        engine.coordinate_values(x, coords, mu, inputs, targets)
-        engine_macs = count[0] / coords.size
-        count[0] = 0
         block(coords)
         block_macs = (count[0] - full) / coords.size  # less its one unperturbed forward
     finally:
         for h in handles:
             h.remove()
+    engine.base_forward(x, inputs, targets)
+    shares = np.array([r["cost_per_query"] for r in engine.plan_rows()])
+    groups = engine.view.group_index(coords)
+    engine_macs = float(shares[groups].mean()) * full
     return {
         "mac_coords": int(coords.size),
         "macs_full_forward": full,
@@ -273,6 +277,21 @@ def main(argv: list[str] | None = None) -> dict:
             "engine_float32_error": float((g_engine_on_naive[:n] - g64).abs().max()),
         }
 
+    memory = {}
+    if args.device == "cuda":  # peak GPU memory of one engine step and one training step
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        engine_step(coords)
+        torch.cuda.synchronize()
+        memory["gpu_peak_bytes_engine_step"] = torch.cuda.max_memory_allocated() - before
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss_fn(model(inputs), targets).backward()
+        torch.cuda.synchronize()
+        memory["gpu_peak_bytes_train_step"] = torch.cuda.max_memory_allocated() - before
+        model.zero_grad(set_to_none=True)
+
     macs = {}
     if args.mac_coords > 0:
         sub = np.sort(rng.choice(coords, size=min(args.mac_coords, coords.size), replace=False))
@@ -308,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
         "grad_scale_naive_coords": float(g_naive.abs().max()),
         "rel_grad_diff": max_diff / grad_scale if grad_scale > 0 else float("nan"),
         **truth,
+        **memory,
         **macs,
         "mu": mu,
         "engine_chunks": engine.stats["chunks"],

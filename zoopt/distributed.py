@@ -1152,7 +1152,8 @@ class ModuleOracleFactory:
         options: dict[str, Any] = {"engine": engine is not None}
         if engine is not None:
             options.update(
-                max_batch_bytes=engine.chunk_bytes,
+                max_batch_bytes=engine.chunk_bytes_option,
+                max_cache_bytes=engine.max_cache_bytes,
                 memory_format=engine.memory_format,
                 per_sample_modules=engine.per_sample_modules,
             )

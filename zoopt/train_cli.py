@@ -49,7 +49,22 @@ def train_args(**overrides: Any) -> argparse.Namespace:
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS, default="digits")
     p.add_argument("--data-dir", default=None, help="CIFAR-10 python batches folder (cifar10)")
-    p.add_argument("--model", choices=MODELS, default="cnn", help="cnn = small CNN (digits)")
+    p.add_argument(
+        "--model",
+        default="cnn",
+        help=f"one of {', '.join(MODELS)} (cnn = small CNN for digits), or your own model as "
+        "path/to/file.py:factory (called with num_classes= if it takes it; see docs/your_model.md)",
+    )
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="initial weights: a state dict saved with torch.save (read with weights_only=True)",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="print how the engine evaluates each parameter tensor's queries, then exit",
+    )
     p.add_argument("--width", type=int, default=16, help="width of cnn8")
     p.add_argument("--method", choices=("deepzero", "fo", "rge", "cge"), default="deepzero")
     p.add_argument("--sparsity", type=float, default=0.9, help="gradient sparsity (deepzero)")
@@ -98,7 +113,6 @@ def build_task(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     import torch
 
     from . import data as zdata
-    from .torch.models import build_model
     from .torch.tasks import ClassificationTask
 
     torch.manual_seed(args.seed)
@@ -112,15 +126,8 @@ def build_task(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             )
         X_tr, y_tr, X_te, y_te = zdata.load_cifar10(args.data_dir)
         augment = True
-    name = {"cnn": "smallcnn"}.get(args.model, args.model)
-    options = {"width": args.width} if name == "cnn8" else {}
-    model = build_model(
-        name,
-        num_classes=int(y_tr.max()) + 1,
-        in_channels=X_tr.shape[1],
-        image_size=X_tr.shape[2],
-        **options,
-    )
+    num_classes = int(y_tr.max()) + 1
+    model = _model_from_args(args, num_classes, X_tr)
     default_batch = 64 if args.dataset == "digits" else 256
     task = ClassificationTask(
         model,
@@ -136,6 +143,55 @@ def build_task(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         "parameters": int(task.parameters_vector().numel()),
     }
     return task, info
+
+
+def _model_from_args(args: argparse.Namespace, num_classes: int, X_train: Any) -> Any:
+    """The built-in model by name, or the user's ``file.py:factory``; then ``--weights``."""
+    import torch
+
+    from .torch.models import build_model
+    from .torch.user_model import build_user_model, is_model_spec, load_weights
+
+    if is_model_spec(args.model):
+        model = build_user_model(args.model, num_classes)
+        with torch.no_grad():
+            was = model.training
+            logits = model.eval()(torch.as_tensor(X_train[:2], dtype=torch.float32))
+            model.train(was)
+        if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
+            shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+            raise ValueError(
+                f"model {args.model!r} maps images {tuple(X_train.shape[1:])} to {shape}; "
+                f"expected logits (batch, {num_classes})"
+            )
+    elif args.model in MODELS:
+        name = {"cnn": "smallcnn"}.get(args.model, args.model)
+        options = {"width": args.width} if name == "cnn8" else {}
+        model = build_model(
+            name,
+            num_classes=num_classes,
+            in_channels=X_train.shape[1],
+            image_size=X_train.shape[2],
+            **options,
+        )
+    else:
+        raise ValueError(
+            f"unknown --model {args.model!r}; use one of {', '.join(MODELS)} or "
+            "path/to/file.py:factory"
+        )
+    if args.weights is not None:
+        load_weights(model, args.weights)
+    return model
+
+
+def explain(task: Any) -> str:
+    """The engine's plan on the task's first training batch (``zoopt train --explain``)."""
+    import numpy as np
+
+    oracle = task.oracle
+    batch = next(iter(task.train_batches(0, np.random.default_rng(0))))
+    oracle.set_batch(*batch)
+    return oracle.explain()
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -169,6 +225,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     task, info = build_task(args)
+    if args.explain:
+        print(explain(task))
+        return 0
     print(
         f"zoopt train: {args.method} on {args.dataset} with {args.model} "
         f"({info['parameters']} parameters) -> {args.out}"

@@ -9,6 +9,7 @@ from .engine import (
 from .models import CNN8, ResNet20, SmallCNN, build_model, stages_of
 from .oracle import ModuleOracle
 from .params import ParamGroup, ParamView, preserved_buffers
+from .user_model import build_user_model, load_weights
 
 __all__ = [
     "CNN8",
@@ -20,6 +21,8 @@ __all__ = [
     "SparseCGEEngine",
     "block_reuse_coordinate_values",
     "build_model",
+    "build_user_model",
+    "load_weights",
     "naive_coordinate_values",
     "preserved_buffers",
     "stages_of",

@@ -115,28 +115,8 @@ class CountingClassifier(FrozenModule):
         return self.module(images)
 
 
-class _ResidualStage(nn.Module):
-    """``x - body(x)``: DnCNN's forward written so that ``torch.fx`` can trace it."""
-
-    def __init__(self, body: nn.Module):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x - self.body(x)
-
-
-def denoiser_stages(denoiser: nn.Module) -> list[nn.Module]:
-    """The engine stages of a denoiser: DnCNN (``.dncnn`` body, residual forward) becomes one
-    traceable stage sharing its parameters; any other module is one stage as it is."""
-    body = getattr(denoiser, "dncnn", None)
-    if isinstance(body, nn.Sequential):
-        return [_ResidualStage(body)]
-    return [denoiser]
-
-
 class DenoisedClassifier(nn.Module):
-    """``classifier(denoiser(x))``; stages: the denoiser's, then the classifier as one stage.
+    """``classifier(denoiser(x))``.
 
     Only the denoiser is trainable (give a frozen classifier: a :class:`BlackBoxStage` or a
     :class:`CountingClassifier`). ``(n, C, H, W)`` images in, ``(n, K)`` logits out.
@@ -146,9 +126,6 @@ class DenoisedClassifier(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.classifier = classifier
-
-    def stages(self) -> list[nn.Module]:
-        return [*denoiser_stages(self.denoiser), self.classifier]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.denoiser(x))

@@ -1,10 +1,11 @@
 """Plain-torch models for the DeepZero experiments (no torchvision).
 
-Every model here is *staged*: its forward is the composition of an ordered list of modules,
-``model.stages()``, read off the module structure (the children of its ``body``
-:class:`~torch.nn.Sequential`, with residual stages expanded into their blocks). The sparse-CGE
-engine caches activations at these boundaries and the block-reuse reference reruns a model
-from one of them. Images are ``(batch, channels, height, width)``; logits ``(batch, classes)``.
+The sparse-CGE engine takes any model (it traces the forward); these are the paper's. Each
+is also *staged*: its forward is the composition of an ordered list of modules,
+``model.stages()`` (the children of its ``body`` :class:`~torch.nn.Sequential`, with residual
+stages expanded into their blocks), which the block-reuse reference (the DeepZero authors'
+stage-granular feature reuse) reruns from. Images are ``(batch, channels, height, width)``;
+logits ``(batch, classes)``.
 """
 
 from __future__ import annotations

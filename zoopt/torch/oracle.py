@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -11,6 +12,7 @@ from torch import nn
 
 from ..oracle import DEFAULT_MAX_BATCH_BYTES, BaseOracle, OracleError
 from .engine import LossFn, SparseCGEEngine, as_coords, cast_for_loss
+from .engine.graph import same_randomness
 from .params import ParamView, preserved_buffers
 
 
@@ -38,6 +40,8 @@ class ModuleOracle(BaseOracle):
         per_sample_modules: module types the engine may run once on all ``Q * B`` perturbed
             samples of a chunk (they map each sample on its own and keep no state, e.g. a
             black-box classifier stage); see :class:`SparseCGEEngine`.
+        max_cache_bytes: cap on the engine's per-step activation cache; beyond it the engine
+            recomputes activations from the nearest cached ones (``None``: no cap).
         **policy: ``max_queries``, ``on_error``, ``on_nonfinite`` (see :class:`BaseOracle`).
     """
 
@@ -53,6 +57,7 @@ class ModuleOracle(BaseOracle):
         memory_format: str = "auto",
         loss_dtype: torch.dtype | None = torch.float64,
         per_sample_modules: tuple[type[nn.Module], ...] = (),
+        max_cache_bytes: int | None = None,
         **policy: Any,
     ):
         if not isinstance(module, nn.Module):
@@ -77,6 +82,7 @@ class ModuleOracle(BaseOracle):
                 memory_format=memory_format,
                 loss_dtype=loss_dtype,
                 per_sample_modules=per_sample_modules,
+                max_cache_bytes=max_cache_bytes,
             )
             if engine
             else None
@@ -109,6 +115,30 @@ class ModuleOracle(BaseOracle):
             inputs = inputs.to(self.view.dtype)
         self.inputs = inputs
         self.targets = targets
+        self._batch_seed: int | None = None
+
+    def _same_randomness(self) -> contextlib.AbstractContextManager:
+        """Every forward on the current batch draws the same random numbers (dropout masks...).
+
+        A finite difference between two forwards with different dropout masks is noise, so
+        in training mode each forward runs with torch's generators seeded from the batch's
+        contents (the same seed on every worker of a distributed oracle); the generators are
+        restored afterwards. Another batch gets other masks.
+        """
+        if not any(m.training for m in self.module.modules()):
+            return contextlib.nullcontext()
+        if self._batch_seed is None:
+            inputs, targets = self._batch()
+            self._batch_seed = _content_seed(inputs, targets)
+        return same_randomness(self._batch_seed, self.view.device)
+
+    def explain(self) -> str:
+        """The engine's plan for this model and batch (see ``SparseCGEEngine.explain``)."""
+        if self.engine is None:
+            return "ModuleOracle(engine=False): every query runs a full forward"
+        inputs, _ = self._batch()
+        with self._same_randomness(), torch.no_grad(), preserved_buffers(self.module):
+            return self.engine.explain(inputs)
 
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inputs is None or self.targets is None:
@@ -131,11 +161,12 @@ class ModuleOracle(BaseOracle):
         out = torch.empty(Xt.shape[0], dtype=self.values_dtype, device=self.view.device)
         if self.engine is not None:
             for i in range(Xt.shape[0]):
-                out[i] = self.engine.forward_loss(Xt[i], inputs, targets)
+                with self._same_randomness():
+                    out[i] = self.engine.forward_loss(Xt[i], inputs, targets)
         else:
             with torch.no_grad(), preserved_buffers(self.module):
                 for i in range(Xt.shape[0]):
-                    with self.view.loaded(Xt[i]):
+                    with self.view.loaded(Xt[i]), self._same_randomness():
                         out[i] = self._loss(self.module(inputs), targets)
         return out.cpu().numpy() if as_numpy else out
 
@@ -149,11 +180,12 @@ class ModuleOracle(BaseOracle):
         inputs, targets = self._batch()
         first = self._charge(1)
         try:
-            if self.engine is not None:
-                value = self.engine.base_forward(x, inputs, targets, update_stats=True)
-            else:
-                with torch.no_grad(), self.view.loaded(x):
-                    value = float(self._loss(self.module(inputs), targets))
+            with self._same_randomness():
+                if self.engine is not None:
+                    value = self.engine.base_forward(x, inputs, targets, update_stats=True)
+                else:
+                    with torch.no_grad(), self.view.loaded(x):
+                        value = float(self._loss(self.module(inputs), targets))
         except Exception as exc:
             if self.on_error == "raise":
                 raise OracleError(
@@ -178,7 +210,7 @@ class ModuleOracle(BaseOracle):
         x = self.view.check_flat(x, "x")
         inputs, targets = self._batch()
         stats = contextlib.nullcontext() if update_stats else preserved_buffers(self.module)
-        with self.view.loaded(x), stats, torch.enable_grad():
+        with self.view.loaded(x), stats, torch.enable_grad(), self._same_randomness():
             loss = self._loss(self.module(inputs), targets)
             grads = torch.autograd.grad(loss, self.view.params, allow_unused=True)
         flat = torch.cat(
@@ -206,7 +238,8 @@ class ModuleOracle(BaseOracle):
         inputs, targets = self._batch()
         first = self._charge(k)
         try:
-            values = self.engine.coordinate_values(xt, coords_np, step, inputs, targets)
+            with self._same_randomness():
+                values = self.engine.coordinate_values(xt, coords_np, step, inputs, targets)
         except Exception as exc:
             if self.on_error == "raise":
                 raise OracleError(
@@ -237,6 +270,16 @@ class ModuleOracle(BaseOracle):
             except Exception:
                 out[i] = float("inf")
         return out
+
+
+def _content_seed(*tensors: torch.Tensor) -> int:
+    """A seed that is a function of the tensors' contents alone (same on every process)."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in tensors:
+        host = t.detach().to("cpu").contiguous()
+        h.update(str((tuple(host.shape), host.dtype)).encode())
+        h.update(host.view(torch.uint8).numpy().tobytes() if host.numel() else b"")
+    return int.from_bytes(h.digest(), "little") % (2**63)
 
 
 def _as_tensor(a: Any, name: str) -> torch.Tensor:

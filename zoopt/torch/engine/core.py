@@ -1,0 +1,1169 @@
+"""The sparse-CGE engine: ``f(x + step * e_c)`` for many coordinates ``c`` of any torch model.
+
+A coordinate-wise gradient estimate perturbs one parameter at a time, so each query differs
+from the unperturbed forward only downstream of the layers using that parameter, and inside
+such a layer often only in one output channel. :class:`SparseCGEEngine` exploits this,
+exactly (up to rounding):
+
+1. Once per (train/eval modes, input shape) it turns the model into an op graph
+   (:mod:`.graph`): the whole forward traced with ``torch.fx``, untraceable parts kept as
+   opaque nodes, or, when the model's own forward cannot be traced, its children chained.
+2. Once per step (per ``x`` and batch) it runs the unperturbed forward and caches every
+   node's activation.
+3. For the selected coordinates of one parameter tensor it builds the perturbed value of the
+   nodes using that tensor, for all of them at once (:mod:`.origins`).
+4. It pushes those values through the rest of the graph with per-op rules (:mod:`.rules`),
+   in chunks of queries sized from a memory cap.
+
+``explain()`` says, per parameter tensor, which path its queries take and what one query
+costs; ``stats`` counts them. See docs/engine.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..params import ParamView, preserved_buffers
+from . import origins as org
+from .graph import EngineGraph, build_graph
+from .ops import dropout_spec, is_random, out_of_place
+from .rules import Rule, batchnorm_forward, rule_for
+from .values import Chunk, Dense, Packed, Value
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+#: Default cap (bytes) on the activations of one chunk of queries, by device type. The CPU
+#: value was picked by measurement (see docs/engine.md); the CUDA value is unmeasured.
+DEFAULT_CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1024 * 2**20}
+
+#: Live copies of the widest activation per query a chunk needs at once (input, output, temp).
+_LIVE_FACTOR = 3
+
+#: Seed of the forwards that check a traced graph (they never touch the global generators).
+_CHECK_SEED = 20240229
+
+
+@dataclass
+class _Plan:
+    """Everything derived once per graph: rules, parameter uses and paths."""
+
+    graph: EngineGraph
+    uses: list[list[org.Use]]
+    paths: list[str]
+    rules: dict[fx.Node, tuple[Rule, str]]
+    callables: dict[fx.Node, Callable[..., Any]]
+    dropouts: dict[fx.Node, tuple[Callable[..., torch.Tensor], float]]
+    rng_nodes: set[fx.Node]
+    live_last_use: dict[fx.Node, int]  # last position a node with readers reads it
+    last_read: dict[fx.Node, int]  # last position any node reads it (the base forward)
+    keep: set[fx.Node]  # nodes whose unperturbed values rules read: cached every step
+    no_vmap: set[fx.Node] = field(default_factory=set)
+
+
+class SparseCGEEngine:
+    """Evaluates ``f(x + step * e_c)`` for many coordinates ``c`` of a torch model, exactly.
+
+    ``f(x) = loss_fn(module(inputs), targets)`` with the module's trainable parameters set to
+    the flat vector ``x`` (see :class:`~zoopt.torch.ParamView`). Any model works: its forward
+    is traced (or, where that fails, reused at module granularity; see :meth:`explain`).
+
+    Args:
+        module: the model (any ``nn.Module`` whose forward takes one tensor).
+        loss_fn: ``loss_fn(logits, targets) -> scalar`` batch-mean loss.
+        view: the flat parameter view (built from ``module`` if omitted).
+        chunk_bytes: cap on one chunk's activations (bytes); the number of queries per chunk
+            is ``chunk_bytes // (3 * widest activation downstream of the perturbed layer)``.
+            Default (``None``): by device type from :data:`DEFAULT_CHUNK_BYTES`, and on the
+            CPU at most a quarter of the step's activation cache (at least 4 MiB, below which
+            per-chunk overhead costs more than the memory saves), so that the engine's memory
+            stays close to a training step's.
+        memory_format: ``"channels_last"``, ``"contiguous"`` or ``"auto"`` (channels-last on
+            CPU, where the engine measured up to 1.5x faster and with less memory; contiguous
+            elsewhere) for 4-D activations.
+        loss_dtype: dtype the loss is computed in from the logits (see :func:`cast_for_loss`);
+            the values returned have this dtype. ``None``: the logits' dtype.
+        per_sample_modules: extra module types known to map each sample independently and
+            statelessly (e.g. an eval-mode black-box classifier): the engine never traces into
+            them and runs them once on all ``Q * B`` samples of a chunk.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn,
+        *,
+        view: ParamView | None = None,
+        chunk_bytes: int | None = None,
+        memory_format: str = "auto",
+        loss_dtype: torch.dtype | None = torch.float64,
+        per_sample_modules: tuple[type[nn.Module], ...] = (),
+        max_cache_bytes: int | None = None,
+    ):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
+        if memory_format not in ("auto", "channels_last", "contiguous"):
+            raise ValueError(
+                "memory_format must be 'auto', 'channels_last' or 'contiguous', "
+                f"got {memory_format!r}"
+            )
+        if chunk_bytes is not None and (
+            isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes <= 0
+        ):
+            raise ValueError(f"chunk_bytes must be a positive integer, got {chunk_bytes!r}")
+        if max_cache_bytes is not None and (
+            isinstance(max_cache_bytes, bool)
+            or not isinstance(max_cache_bytes, int)
+            or max_cache_bytes < 0
+        ):
+            raise ValueError(
+                f"max_cache_bytes must be a non-negative integer or None, got {max_cache_bytes!r}"
+            )
+        self.max_cache_bytes = max_cache_bytes
+        per_sample_modules = tuple(per_sample_modules)
+        if not all(isinstance(t, type) and issubclass(t, nn.Module) for t in per_sample_modules):
+            raise TypeError(
+                f"per_sample_modules must be nn.Module types, got {per_sample_modules!r}"
+            )
+        self.module = module
+        self.loss_fn = loss_fn
+        self.view = view if view is not None else ParamView(module)
+        device_type = self.view.device.type
+        #: the chunk cap as given (None: automatic); ``chunk_bytes``: the cap in effect
+        self.chunk_bytes_option = chunk_bytes
+        self.chunk_bytes = chunk_bytes or DEFAULT_CHUNK_BYTES.get(
+            device_type, DEFAULT_CHUNK_BYTES["cuda"]
+        )
+        if memory_format == "auto":
+            memory_format = "channels_last" if device_type == "cpu" else "contiguous"
+        self.memory_format = memory_format
+        self._loss_per_query = _per_query_loss(loss_fn)
+        self.loss_dtype = loss_dtype
+        self.per_sample_modules = per_sample_modules
+        self.values_dtype = loss_dtype or self.view.dtype
+        self._plans: dict[tuple, _Plan] = {}
+        self._plan: _Plan | None = None
+        self._key: tuple | None = None
+        self._x = torch.empty(0)
+        self._buffers: list[torch.Tensor] = []
+        self._cache: dict[fx.Node, Any] = {}
+        self._meta: dict[fx.Node, Any] = {}
+        self._scratch: dict[fx.Node, Any] = {}  # recomputed values, least recently used first
+        self._scratch_bytes = 0
+        self._derived: dict[tuple, torch.Tensor] = {}
+        self._masks: dict[fx.Node, torch.Tensor] = {}
+        self._rng_states: dict[fx.Node, tuple] = {}
+        self._batch_size = 0
+        self._warned: set[int] = set()
+        self.stats = {
+            "graph_builds": 0,  # op graphs built (once per modes and input shape)
+            "cache_builds": 0,  # unperturbed forwards cached
+            "chunks": 0,
+            "queries": 0,
+            "fast_queries": 0,  # perturbed layer by a channel-local / rank-one rule
+            "batched_queries": 0,  # perturbed layer under vmap, all queries at once
+            "module_rerun_queries": 0,  # perturbed module rerun per query (downstream batched)
+            "slow_path_queries": 0,  # the whole model rerun per query
+            "unused_queries": 0,  # parameters the forward never reads
+            "vmapped_ops": 0,  # op applications batched by torch.func.vmap
+            "looped_ops": 0,  # op applications run once per query
+            "fallback_groups": 0,  # parameter tensors whose batched evaluation failed
+            "recomputed_nodes": 0,  # unperturbed values recomputed instead of cached
+        }
+
+    # -- public -------------------------------------------------------------------------
+    def coordinate_values(
+        self,
+        x: torch.Tensor,
+        coords: Sequence[int] | np.ndarray | torch.Tensor,
+        step: float,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        """``f(x + step * e_c)`` for each ``c`` in ``coords`` (shape ``(k,)``) → ``(k,)``.
+
+        The module's parameters and buffers are unchanged afterwards.
+        """
+        x = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
+        coords_np = as_coords(coords, self.view.dim)
+        step = float(step)
+        out = torch.empty(coords_np.shape[0], dtype=self.values_dtype, device=self.view.device)
+        if coords_np.shape[0] == 0:
+            return out
+        with torch.no_grad(), preserved_buffers(self.module), self.view.loaded(x):
+            self._prepare(x, inputs, targets)
+            which = self.view.group_index(coords_np)
+            for g in np.unique(which):
+                rows = np.flatnonzero(which == g)
+                local = torch.as_tensor(
+                    coords_np[rows] - self.view.groups[g].start, device=out.device
+                )
+                out[torch.as_tensor(rows, device=out.device)] = self._group_values(
+                    int(g), local, step, inputs, targets
+                )
+                self._derived.clear()  # per-layer helpers (padded inputs): one layer at a time
+        return out
+
+    @property
+    def base_loss(self) -> float:
+        """The unperturbed loss from the last cached forward."""
+        return float(self._base_loss)
+
+    def base_forward(
+        self,
+        x: torch.Tensor,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        *,
+        update_stats: bool = False,
+    ) -> float:
+        """The unperturbed loss at ``x``; fills the per-step cache as a side effect.
+
+        With ``update_stats=True`` this is the training forward: BatchNorm running statistics
+        are updated as by ``module(inputs)`` (the one forward per step allowed to), and the
+        following :meth:`coordinate_values` calls at the same ``x`` reuse its cache.
+        """
+        x = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
+        with torch.no_grad(), self.view.loaded(x):
+            if update_stats:
+                self._prepare(x, inputs, targets, update_stats=True)
+            else:
+                with preserved_buffers(self.module):
+                    self._prepare(x, inputs, targets)
+        return self.base_loss
+
+    def forward_loss(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """``f(x)`` computed exactly as the engine's base forward, without caching anything.
+
+        Parameters and buffers are unchanged afterwards.
+        """
+        x = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
+        with torch.no_grad(), preserved_buffers(self.module), self.view.loaded(x):
+            with self._memoized_black_boxes(inputs):
+                plan = self._plan_for(inputs)
+                h = self.format_input(inputs.to(self.view.device))
+                out, _ = self._run_base(plan, h, None)
+            return float(self._loss(out, targets))
+
+    def explain(self, inputs: torch.Tensor | None = None) -> str:
+        """How each parameter tensor's queries are computed, as a table (see :meth:`plan_rows`)."""
+        plan = self._require_plan(inputs)
+        rows = self.plan_rows(inputs)
+        eg = plan.graph
+        kinds = {
+            "traced": "the whole forward traced",
+            "chain": "the model's children chained (its own forward is not traceable)",
+            "opaque": "not traceable: one opaque node",
+        }
+        lines = [
+            f"SparseCGEEngine on {type(self.module).__name__}: {kinds[eg.kind]}; "
+            f"{len(eg.nodes)} graph nodes, {self.view.dim:,} trainable parameters",
+        ]
+        lines += [f"  note: {n}" for n in eg.notes]
+        frozen = [n for n, p in self.module.named_parameters() if not p.requires_grad]
+        if frozen:
+            shown = ", ".join(frozen[:5]) + (" ..." if len(frozen) > 5 else "")
+            lines.append(
+                f"  frozen (requires_grad=False, not optimized): {len(frozen)} tensors ({shown}); "
+                "call p.requires_grad_(True) before building the oracle to include them"
+            )
+        width = max([len(r["name"]) for r in rows] + [9])
+        lines.append(f"  {'parameter':<{width}}  {'numel':>9}  {'path':<12}  cost/query  where")
+        for r in rows:
+            lines.append(
+                f"  {r['name']:<{width}}  {r['numel']:>9,}  {r['path']:<12}  "
+                f"{100 * r['cost_per_query']:>8.1f}%  {r['where']}"
+            )
+        total = sum(r["numel"] for r in rows)
+        mean = sum(r["numel"] * r["cost_per_query"] for r in rows) / max(total, 1)
+        lines.append(
+            f"  cost/query: estimated multiply-adds of one query as a share of a full forward; "
+            f"mean over coordinates {100 * mean:.1f}% (a full-forward loop: 100%)"
+        )
+        return "\n".join(lines)
+
+    def plan_rows(self, inputs: torch.Tensor | None = None) -> list[dict[str, Any]]:
+        """Per parameter tensor: ``name``, ``numel``, ``path`` (``fast``, ``batched``, ``module
+        rerun``, ``slow``, ``unused``), ``cost_per_query`` (estimated share of a forward's
+        multiply-adds) and ``where`` (the graph nodes using it)."""
+        plan = self._require_plan(inputs)
+        if self._plan is not plan or not self._meta:
+            batch = inputs if inputs is not None else self._batch_refs[0]
+            with torch.no_grad(), preserved_buffers(self.module):
+                h = self.format_input(batch.to(self.view.device))
+                self._meta = {}
+                self._run_base(plan, h, {})  # for the activation shapes
+        costs = _CostModel(self, plan)
+        rows = []
+        for g, group in enumerate(self.view.groups):
+            uses = plan.uses[g]
+            where = ", ".join(sorted({_node_label(u.node) for u in uses})) or "-"
+            rows.append(
+                {
+                    "name": group.name,
+                    "numel": group.size,
+                    "path": plan.paths[g],
+                    "cost_per_query": costs.per_query(plan.paths[g], uses),
+                    "where": where,
+                }
+            )
+        return rows
+
+    @property
+    def graph_kind(self) -> str | None:
+        """``"traced"``, ``"chain"`` or ``"opaque"`` for the current graph (None before any)."""
+        return None if self._plan is None else self._plan.graph.kind
+
+    # -- graphs --------------------------------------------------------------------------
+    def _modes(self) -> tuple[bool, ...]:
+        return tuple(m.training for m in self.module.modules())
+
+    def _plan_for(self, inputs: torch.Tensor) -> _Plan:
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"inputs must be a torch tensor, got {type(inputs).__name__}")
+        key = (self._modes(), tuple(inputs.shape), inputs.dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            # in the layout of the base forward: a black box then sees the same inputs
+            example = self.format_input(inputs.to(self.view.device))
+            with torch.no_grad():
+                eg = build_graph(
+                    self.module, example, leaf_types=self.per_sample_modules, seed=_CHECK_SEED
+                )
+            plan = self._make_plan(eg)
+            self._plans[key] = plan
+            self.stats["graph_builds"] += 1
+        self._plan = plan
+        return plan
+
+    def _make_plan(self, eg: EngineGraph) -> _Plan:
+        uses = org.locate(eg, self.view, self.module)
+        paths = [
+            org.path_of(eg, u, p, self.module) for u, p in zip(uses, self.view.params, strict=True)
+        ]
+        rules, callables, dropouts, rng_nodes = {}, {}, {}, set()
+        for node in eg.nodes:
+            if node.op not in ("call_module", "call_function", "call_method"):
+                continue
+            m = eg.modules.get(node)
+            rules[node] = rule_for(node, m, self.per_sample_modules)
+            fn = out_of_place(node, m)
+            if node in eg.opaque or is_random(node, m) or node.target in _RANDOM_LIKE:
+                # opaque code may write into its inputs; and random draws fill tensors in
+                # memory order, so a channels-last input would get other masks than eager
+                fn = _cloning(fn)
+            callables[node] = fn
+            spec = dropout_spec(node, m)
+            if spec is not None:
+                dropouts[node] = spec
+            elif (
+                node in eg.opaque
+                or is_random(node, m)
+                or rules[node][1] == "generic"
+                and (node.op == "call_module")
+            ):
+                rng_nodes.add(node)
+        live = {n for n in eg.nodes if n.users or n.op == "output"}
+        last_use = {
+            n: max((eg.position[u] for u in n.users if u in live), default=-1) for n in eg.nodes
+        }
+        last_read = {n: max((eg.position[u] for u in n.users), default=-1) for n in eg.nodes}
+        keep = _values_read(eg, rules, uses)
+        return _Plan(
+            eg, uses, paths, rules, callables, dropouts, rng_nodes, last_use, last_read, keep
+        )
+
+    def _require_plan(self, inputs: torch.Tensor | None) -> _Plan:
+        if inputs is not None:
+            return self._plan_for(inputs)
+        if self._plan is None:
+            raise ValueError(
+                "explain needs a batch: pass inputs (or evaluate the oracle once first)"
+            )
+        return self._plan
+
+    @property
+    def _graph(self) -> EngineGraph:
+        assert self._plan is not None
+        return self._plan.graph
+
+    @property
+    def _no_vmap(self) -> set[fx.Node]:
+        assert self._plan is not None
+        return self._plan.no_vmap
+
+    def _module(self, node: fx.Node) -> nn.Module:
+        return self._graph.modules[node]
+
+    # -- cache ---------------------------------------------------------------------------
+    def _key_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
+        """What besides ``x`` and the buffers the cache depends on: the batch, the modes."""
+        key = (id(inputs), inputs._version, id(targets), targets._version)
+        return key + self._modes()
+
+    def _is_cached(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> bool:
+        """Is the cache valid for ``x``, this batch, these modes and running statistics?"""
+        if self._key != self._key_of(inputs, targets) or not torch.equal(self._x, x):
+            return False
+        return all(
+            torch.equal(b, c) for b, c in zip(self.module.buffers(), self._buffers, strict=True)
+        )
+
+    def _prepare(
+        self,
+        x: torch.Tensor,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+        update_stats: bool = False,
+    ) -> None:
+        """Run the unperturbed forward once and cache every node's value.
+
+        The parameters must already hold ``x``. Skipped when the cache is valid, unless
+        ``update_stats`` asks for the stat-updating forward.
+        """
+        if not isinstance(inputs, torch.Tensor) or not isinstance(targets, torch.Tensor):
+            raise TypeError("inputs and targets must be torch tensors")
+        if not update_stats and self._is_cached(x, inputs, targets):
+            return
+        self._key = None
+        with self._memoized_black_boxes(inputs):
+            self._run_and_cache(x, inputs, targets, update_stats)
+
+    def _run_and_cache(
+        self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, update_stats: bool
+    ) -> None:
+        plan = self._plan_for(inputs)
+        if not update_stats:  # buffers are restored by the caller: remember them as they are
+            self._buffers = [b.clone() for b in self.module.buffers()]
+        self._cache = {}
+        self._meta = {}
+        self._scratch = {}
+        self._scratch_bytes = 0
+        self._derived = {}
+        self._masks = {}
+        self._rng_states = {}
+        h = self.format_input(inputs.to(self.view.device))
+        self._batch_size = int(inputs.shape[0])
+        self.stats["cache_builds"] += 1
+        self._rng_at_base = self._get_rng()  # full forwards, if any, draw what this one draws
+        out, self._cache = self._run_base(plan, h, self._cache, update_stats)
+        self._base_loss = self._loss(out, targets)
+        self._cap_cache(plan)
+        if self.chunk_bytes_option is None and self.view.device.type == "cpu":
+            self.chunk_bytes = min(
+                DEFAULT_CHUNK_BYTES["cpu"], max(4 * 2**20, self.cache_bytes // 4)
+            )
+        if update_stats:
+            self._buffers = [b.clone() for b in self.module.buffers()]
+        self._widest_after = self._suffix_widest(plan)
+        self._x = x.clone()
+        self._batch_refs = (inputs, targets)  # held, so their ids cannot be reused
+        self._key = self._key_of(inputs, targets)
+
+    @contextlib.contextmanager
+    def _memoized_black_boxes(self, inputs: torch.Tensor) -> Iterator[None]:
+        """While a new graph is built and first run: each ``per_sample_modules`` instance
+        answers a repeated input from memory. Building a graph runs the model a few times on
+        the same batch; a black box (e.g. a paid API) is then asked once, not four times."""
+        key = (self._modes(), tuple(inputs.shape), inputs.dtype)
+        if not self.per_sample_modules or key in self._plans:
+            yield
+            return
+        patched = []
+        for m in self.module.modules():
+            if isinstance(m, self.per_sample_modules) and "forward" not in m.__dict__:
+                m.forward = _memoize(m.forward)  # type: ignore[method-assign]
+                patched.append(m)
+        try:
+            yield
+        finally:
+            for m in patched:
+                del m.forward
+
+    def _run_base(
+        self,
+        plan: _Plan,
+        h: torch.Tensor,
+        cache: dict[fx.Node, Any] | None,
+        update_stats: bool = False,
+    ) -> tuple[Any, dict[fx.Node, Any]]:
+        """The unperturbed forward through the graph, recording every node's value (when
+        ``cache`` is given), dropout masks and random-generator states. Mutates nothing but
+        BatchNorm running statistics (as the eager forward does)."""
+        eg = plan.graph
+        env: dict[fx.Node, Any] = {} if cache is None else cache
+        out: Any = None
+        for node in eg.nodes:
+            if node.op == "placeholder":
+                env[node] = h if node is eg.input else (node.args[0] if node.args else None)
+            elif node.op == "get_attr":
+                env[node] = eg.resolve(str(node.target))
+            elif node.op == "output":
+                out = fx.node.map_arg(node.args[0], env.__getitem__)
+            else:
+                args = fx.node.map_arg(node.args, env.__getitem__)
+                kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+                spec = plan.dropouts.get(node)
+                m = eg.modules.get(node)
+                if spec is not None:
+                    # a mask drawn in the eager (contiguous) order, whatever the layout here
+                    mask = spec[0](torch.ones_like(args[0], memory_format=torch.contiguous_format))
+                    if cache is not None:
+                        self._masks[node] = mask
+                    env[node] = args[0] * mask
+                elif plan.rules[node][1] == "batchnorm" and len(args) == 1 and not kwargs:
+                    env[node] = batchnorm_forward(m, args[0], update_stats)  # type: ignore[arg-type]
+                else:
+                    if node in plan.rng_nodes and cache is not None:
+                        self._rng_states[node] = self._get_rng()
+                    env[node] = plan.callables[node](*args, **kwargs)
+            if cache is not None:
+                value = env.get(node)
+                self._meta[node] = (
+                    torch.empty_like(value, device="meta")
+                    if isinstance(value, torch.Tensor)
+                    else value
+                )
+            self._free_base(plan, node, env, cache is not None)
+        return out, env
+
+    @staticmethod
+    def _free_base(plan: _Plan, node: fx.Node, env: dict[fx.Node, Any], caching: bool) -> None:
+        """Drop values the rest of the forward no longer reads (and the queries do not)."""
+        pos = plan.graph.position[node]
+        for n in (*node.all_input_nodes, node):
+            if plan.last_read.get(n, -1) > pos:
+                continue
+            if caching and (n in plan.keep or not isinstance(env.get(n), torch.Tensor)):
+                continue  # read by the queries, or a shape (never worth recomputing)
+            env.pop(n, None)
+
+    def _loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(out, torch.Tensor):
+            return self.loss_fn(*cast_for_loss(out, targets, self.loss_dtype)).reshape(())
+        return torch.as_tensor(self.loss_fn(out, targets)).reshape(())
+
+    def _suffix_widest(self, plan: _Plan) -> list[int]:
+        """Per position: bytes of the largest activation at or after it."""
+        widest, out = 0, [0] * len(plan.graph.nodes)
+        for i in range(len(plan.graph.nodes) - 1, -1, -1):
+            v = self._meta.get(plan.graph.nodes[i])
+            if isinstance(v, torch.Tensor):
+                widest = max(widest, v.numel() * v.element_size())
+            out[i] = widest
+        return out
+
+    def _meta_of(self, node: fx.Node) -> Any:
+        return self._meta[node]
+
+    def _base(self, node: fx.Node) -> Any:
+        """The unperturbed value of ``node``: cached, or recomputed from cached values."""
+        if node in self._cache:
+            return self._cache[node]
+        value = self._scratch.pop(node, None)
+        if value is None:
+            value = self._recompute(node)
+        self._scratch[node] = value  # most recently used last
+        if isinstance(value, torch.Tensor):
+            self._scratch_bytes += value.numel() * value.element_size()
+        while self._scratch_bytes > self.chunk_bytes // 4 and len(self._scratch) > 1:
+            old_node = next(iter(self._scratch))
+            old = self._scratch.pop(old_node)
+            if isinstance(old, torch.Tensor):
+                self._scratch_bytes -= old.numel() * old.element_size()
+        return value
+
+    def _recompute(self, node: fx.Node) -> Any:
+        plan = self._plan
+        assert plan is not None
+        eg = plan.graph
+        self.stats["recomputed_nodes"] += 1
+        if node.op == "get_attr":
+            return eg.resolve(str(node.target))
+        if node.op == "placeholder":  # extra inputs: their defaults (the input is cached)
+            return node.args[0] if node.args else None
+        args = fx.node.map_arg(node.args, self._base)
+        kwargs = fx.node.map_arg(node.kwargs, self._base)
+        if node in plan.dropouts:
+            return args[0] * self._masks[node]
+        m = eg.modules.get(node)
+        if plan.rules[node][1] == "batchnorm" and len(args) == 1 and not kwargs:
+            return batchnorm_forward(m, args[0], update=False)  # type: ignore[arg-type]
+        rng = self._rng_states.get(node)
+        with self._restorable_rng(rng is not None):
+            if rng is not None:
+                self._set_rng(rng)
+            with preserved_buffers(m) if m is not None else contextlib.nullcontext():
+                return plan.callables[node](*args, **kwargs)
+
+    def _cap_cache(self, plan: _Plan) -> None:
+        """Evict cached activations, largest first, until they fit ``max_cache_bytes``."""
+        if self.max_cache_bytes is None:
+            return
+        sizes = _storage_bytes(self._cache)
+        total = sum(sizes.values())
+        candidates = sorted(
+            (
+                n
+                for n, v in self._cache.items()
+                if isinstance(v, torch.Tensor) and n.op != "placeholder"
+            ),
+            key=lambda n: -self._cache[n].numel() * self._cache[n].element_size(),
+        )
+        for n in candidates:
+            if total <= self.max_cache_bytes:
+                break
+            value = self._cache.pop(n)
+            key = value.untyped_storage().data_ptr()
+            if not any(
+                isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == key
+                for v in self._cache.values()
+            ):
+                total -= sizes.get(key, 0)
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of the cached unperturbed activations (shared storage counted once)."""
+        return sum(_storage_bytes(self._cache).values())
+
+    def format_input(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` in the engine's memory format (4-D tensors only)."""
+        if self.memory_format == "channels_last" and t.ndim == 4:
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    def _empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """An uninitialized ``(Q, *activation shape)`` tensor in the engine's layout."""
+        if self.memory_format == "channels_last" and len(shape) == 5:
+            flat = torch.empty(
+                (shape[0] * shape[1], *shape[2:]),
+                dtype=like.dtype,
+                device=like.device,
+                memory_format=torch.channels_last,
+            )
+            return flat.view(shape)
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+    # -- random generators ---------------------------------------------------------------
+    def _get_rng(self) -> tuple:
+        cpu = torch.get_rng_state()
+        dev = self.view.device
+        cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
+        return cpu, cuda
+
+    def _set_rng(self, state: tuple) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.view.device)
+
+    def _restorable_rng(self, active: bool) -> contextlib.AbstractContextManager:
+        if not active:
+            return contextlib.nullcontext()
+        dev = self.view.device
+        return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
+
+    # -- queries -------------------------------------------------------------------------
+    def _group_values(
+        self, g: int, local: torch.Tensor, step: float, inputs: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Values for coordinates ``local`` (indices within parameter tensor ``g``)."""
+        plan = self._plan
+        assert plan is not None
+        path, uses, param = plan.paths[g], plan.uses[g], self.view.params[g]
+        k = local.numel()
+        self.stats["queries"] += k
+        if path == org.UNUSED:
+            self.stats["unused_queries"] += k
+            return self._base_loss.expand(k).clone()
+        if path == org.SLOW and plan.graph.kind != "opaque":
+            self.stats["slow_path_queries"] += k
+            return self._naive(param, local, step, inputs, targets)
+        try:
+            values = self._chunked(plan, g, path, uses, param, local, step, targets)
+        except Exception as exc:
+            if plan.graph.kind == "opaque":
+                raise
+            values = self._naive(param, local, step, inputs, targets)  # raises if the model does
+            self.stats["fallback_groups"] += 1
+            if g not in self._warned:
+                self._warned.add(g)
+                warnings.warn(
+                    f"SparseCGEEngine: batched queries of {self.view.groups[g].name} failed "
+                    f"({type(exc).__name__}: {exc}); computing them with full forwards",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            self.stats["slow_path_queries"] += k
+            return values
+        key = {
+            org.FAST: "fast_queries",
+            org.BATCHED: "batched_queries",
+            org.RERUN: "module_rerun_queries",
+            org.SLOW: "slow_path_queries",
+        }[path]
+        if path != org.RERUN:  # module reruns are counted where they happen
+            self.stats[key] += k
+        return values
+
+    def _chunked(
+        self,
+        plan: _Plan,
+        g: int,
+        path: str,
+        uses: list[org.Use],
+        param: torch.Tensor,
+        local: torch.Tensor,
+        step: float,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        start = min(plan.graph.position[u.node] for u in uses)
+        per_query = _LIVE_FACTOR * self._widest_after[start]
+        if path != org.FAST:
+            per_query += param.numel() * param.element_size()
+        chunk = max(1, self.chunk_bytes // max(1, per_query))
+        flat = param.view(-1)
+        out = []
+        for first in range(0, local.numel(), chunk):
+            idx = local[first : first + chunk]
+            new = flat[idx] + step  # perturbed values, rounded as the naive loop rounds them
+            ch = Chunk(self, idx.numel())
+            result = self._propagate(ch, plan, start, {u.node: u for u in uses}, param, idx, new)
+            out.append(self._losses(ch, plan, result, targets))
+            self.stats["chunks"] += 1
+        return torch.cat(out)
+
+    def _naive(
+        self,
+        param: torch.Tensor,
+        local: torch.Tensor,
+        step: float,
+        inputs: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        out = []
+        with self._restorable_rng(True):
+            for i in local.tolist():
+                self._set_rng(self._rng_at_base)
+                one = torch.tensor([i], device=local.device)
+                out.append(
+                    _naive_loop(
+                        self.module,
+                        self.loss_fn,
+                        param,
+                        one,
+                        step,
+                        inputs,
+                        targets,
+                        self.loss_dtype,
+                    )
+                )
+        return torch.cat(out)
+
+    def _propagate(
+        self,
+        ch: Chunk,
+        plan: _Plan,
+        start: int,
+        uses: dict[fx.Node, org.Use],
+        param: torch.Tensor,
+        idx: torch.Tensor,
+        new: torch.Tensor,
+    ) -> Any:
+        """Perturb the nodes using ``param`` and push the change through the graph; returns
+        the output node's argument (its values are in ``ch.env``)."""
+        eg = plan.graph
+        env = ch.env
+        for pos in range(start, len(eg.nodes)):
+            node = eg.nodes[pos]
+            if node.op == "output":
+                return node.args[0]
+            if plan.live_last_use.get(node, -1) < 0:
+                continue  # nobody reads it (e.g. an assertion)
+            use = uses.get(node)
+            if use is not None:
+                if any(env.get(n) is not None for n in node.all_input_nodes):
+                    value = org.joint_value(ch, use, param, idx, new)
+                else:
+                    value = org.origin_value(ch, use, param, idx, new)
+            elif node.op in ("placeholder", "get_attr"):
+                continue
+            elif all(env.get(n) is None for n in node.all_input_nodes):
+                continue
+            else:
+                rule, _ = plan.rules[node]
+                value = rule(ch, node)
+            if value is not None:
+                env[node] = value
+            for n in node.all_input_nodes:
+                if plan.live_last_use.get(n, -1) <= pos and n in env:
+                    del env[n]
+        raise RuntimeError("graph without output")  # pragma: no cover
+
+    def _losses(self, ch: Chunk, plan: _Plan, out_arg: Any, targets: torch.Tensor) -> torch.Tensor:
+        if isinstance(out_arg, fx.Node):
+            v = ch.env.get(out_arg)
+            if v is None:
+                return self._base_loss.expand(ch.Q).clone()
+            if not isinstance(v, Packed):
+                logits = ch.dense(v, out_arg)  # (Q, *output shape)
+                if logits.ndim >= 2 and logits.shape[1] == targets.shape[0]:
+                    full, t = cast_for_loss(logits.flatten(0, 1), targets, self.loss_dtype)
+                    return self._loss_per_query(full, t, ch.Q)
+                return torch.stack([self._loss(logits[q], targets) for q in range(ch.Q)])
+        from .rules import _per_query
+
+        def query(q: int) -> Any:
+            return fx.node.map_arg(out_arg, lambda n: _per_query(ch, n, q))
+
+        return torch.stack([self._loss(query(q), targets) for q in range(ch.Q)]).to(
+            self.values_dtype
+        )
+
+
+def _memoize(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """``forward`` answering a call from memory when its tensor arguments equal an earlier
+    call's up to floating-point rounding (the graph checks run the model eagerly; the
+    engine's own forward rounds its BatchNorm slightly differently)."""
+    memory: list[tuple[tuple, Any]] = []
+
+    def close(x: Any, y: Any) -> bool:
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+                return False
+            if not x.is_floating_point():
+                return torch.equal(x, y)
+            tol = (
+                64 * torch.finfo(x.dtype).eps * max(1.0, float(y.abs().max()) if y.numel() else 0.0)
+            )
+            return bool((x - y).abs().max() <= tol) if x.numel() else True
+        return not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y
+
+    def call(*args: Any) -> Any:
+        for old, out in memory:
+            if len(old) == len(args) and all(close(a, b) for a, b in zip(args, old, strict=True)):
+                return out.clone() if isinstance(out, torch.Tensor) else out
+        out = forward(*args)
+        memory.append((tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), out))
+        return out
+
+    return call
+
+
+def _storage_bytes(values: dict[fx.Node, Any]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for v in values.values():
+        if isinstance(v, torch.Tensor) and v.device.type != "meta":
+            storage = v.untyped_storage()
+            out[storage.data_ptr()] = storage.nbytes()
+    return out
+
+
+#: Rules that read the unperturbed value of their first input (not only its shape).
+_READS_INPUT = frozenset(
+    {"conv", "linear", "layernorm", "per-sample", "generic", "random", "attention"}
+)
+#: Modules whose origin rule reads their unperturbed output.
+_READS_OUTPUT = frozenset({"conv", "linear"})
+
+
+def _values_read(
+    eg: EngineGraph, rules: dict[fx.Node, tuple[Rule, str]], uses: list[list[org.Use]]
+) -> set[fx.Node]:
+    """Nodes whose unperturbed values the queries read; the others are recomputed on the
+    rare occasions they are needed (e.g. the BatchNorm output an in-place ReLU overwrites)."""
+    keep = {eg.input}
+    out_arg = eg.output.args[0]
+    fx.node.map_arg(out_arg, keep.add)
+    for node, (_, kind) in rules.items():
+        tensors = node.all_input_nodes
+        if kind in _READS_INPUT or len(tensors) > 1:
+            keep.update(tensors)
+        if kind in _READS_OUTPUT:
+            keep.add(node)
+    for group in uses:
+        for u in group:
+            if u.node.op == "call_module":
+                keep.update(u.node.all_input_nodes)  # origins read their module's input
+                if rules[u.node][1] in _READS_OUTPUT or isinstance(
+                    eg.modules[u.node], nn.GroupNorm | nn.LayerNorm
+                ):
+                    keep.add(u.node)
+    return keep
+
+
+_RANDOM_LIKE = (torch.rand_like, torch.randn_like, torch.randint_like)
+
+
+def _cloning(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` on contiguous copies of its tensor arguments."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(
+            a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a
+            for a in args
+        )
+        return fn(*args, **kwargs)
+
+    return call
+
+
+def _node_label(node: fx.Node) -> str:
+    if node.op in ("call_module", "get_attr"):
+        return str(node.target) or "<model>"
+    return node.name
+
+
+# ----------------------------------------------------------------------------------------
+# Cost estimates for explain()
+_LOCAL_KINDS = frozenset(
+    {"elementwise", "batchnorm", "pool", "identity", "reshape", "permute", "index", "pad",
+     "cat", "dropout", "arithmetic", "reduce", "shape", "split"}
+)  # fmt: skip
+
+
+class _CostModel:
+    """Multiply-adds per node from the cached shapes, and per query for each path."""
+
+    def __init__(self, engine: SparseCGEEngine, plan: _Plan):
+        self.engine = engine
+        self.plan = plan
+        self.macs = {n: _macs(n, plan.graph, engine._meta) for n in plan.graph.nodes}
+        self.full = max(1.0, float(sum(self.macs.values())))
+
+    def per_query(self, path: str, uses: list[org.Use]) -> float:
+        if path == org.UNUSED:
+            return 0.0
+        if path == org.SLOW:
+            return 1.0
+        eg = self.plan.graph
+        state: dict[fx.Node, str] = {}
+        cost = 0.0
+        for u in uses:
+            kind = self.plan.rules.get(u.node, (None, ""))[1]
+            if path == org.FAST and kind in ("conv", "batchnorm", "linear", "layernorm"):
+                state[u.node] = "local"  # one channel / feature: no multiply-adds to speak of
+            else:
+                state[u.node] = "dense"
+                cost += self.macs[u.node]
+        start = min(eg.position[u.node] for u in uses)
+        for node in eg.nodes[start:]:
+            if node in state or node.op in ("placeholder", "get_attr", "output"):
+                continue
+            ins = [state[n] for n in node.all_input_nodes if n in state]
+            if not ins:
+                continue
+            kind = self.plan.rules[node][1]
+            if kind in ("conv", "linear") and all(s == "local" for s in ins):
+                cost += self.macs[node] / max(1, _in_channels(node, eg))
+                state[node] = "dense"
+            elif kind in _LOCAL_KINDS and all(s == "local" for s in ins):
+                state[node] = "local"
+            else:
+                cost += self.macs[node]
+                state[node] = "dense"
+        return min(1.0, cost / self.full)
+
+
+def _in_channels(node: fx.Node, eg: EngineGraph) -> int:
+    m = eg.modules.get(node)
+    if isinstance(m, nn.Conv2d):
+        return max(1, m.in_channels)
+    if isinstance(m, nn.Linear):
+        return max(1, m.in_features)
+    return 1
+
+
+def _macs(node: fx.Node, eg: EngineGraph, cache: dict[fx.Node, Any]) -> float:
+    out = cache.get(node)
+    if not isinstance(out, torch.Tensor):
+        return 0.0
+    m = eg.modules.get(node)
+    if isinstance(m, nn.modules.conv._ConvNd):
+        k = 1
+        for s in m.kernel_size:
+            k *= s
+        return float(out.numel()) * (m.in_channels // m.groups) * k
+    if isinstance(m, nn.Linear):
+        return float(out.numel()) * m.in_features
+    if (
+        node.op == "call_function"
+        and node.target in (torch.matmul, torch.bmm)
+        or (node.op == "call_function" and getattr(node.target, "__name__", "") == "matmul")
+    ):
+        a = cache.get(node.args[0])
+        return float(out.numel()) * (a.shape[-1] if isinstance(a, torch.Tensor) else 1)
+    if (
+        node.op == "call_function"
+        and node.target is torch.nn.functional.scaled_dot_product_attention
+    ):
+        qv, kv = cache.get(node.args[0]), cache.get(node.args[1])
+        if isinstance(qv, torch.Tensor) and isinstance(kv, torch.Tensor):
+            return 2.0 * qv.numel() * kv.shape[-2]
+    if isinstance(m, nn.MultiheadAttention):
+        e = m.embed_dim
+        return 4.0 * out.numel() * e + 2.0 * out.numel() * out.shape[-2]
+    return 0.0
+
+
+# ----------------------------------------------------------------------------------------
+# Per-query losses
+def cast_for_loss(
+    logits: torch.Tensor, targets: torch.Tensor, loss_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits (and floating targets) in ``loss_dtype`` (``None``: unchanged).
+
+    CGE divides loss differences of size ``mu * |g|`` by ``mu``; reducing the loss in
+    float64 keeps the final batch mean from rounding them to float32 resolution (~1e-7).
+    """
+    if loss_dtype is None:
+        return logits, targets
+    if targets.is_floating_point():
+        targets = targets.to(loss_dtype)
+    return logits.to(loss_dtype), targets
+
+
+def _per_query_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """``(logits (Q*B, ...), targets (B, ...), Q) -> (Q,)`` losses, each a batch mean.
+
+    Cross-entropy (``F.cross_entropy`` or an unweighted mean ``nn.CrossEntropyLoss``) runs
+    once for all queries; any other loss is called once per query.
+    """
+    ce_kwargs: dict[str, Any] | None = None
+    ignore_index = -100
+    if loss_fn is torch.nn.functional.cross_entropy:
+        ce_kwargs = {}
+    elif (
+        isinstance(loss_fn, nn.CrossEntropyLoss)
+        and loss_fn.weight is None
+        and loss_fn.reduction == "mean"
+    ):
+        ce_kwargs = {"label_smoothing": loss_fn.label_smoothing}
+        ignore_index = loss_fn.ignore_index
+
+    def looped(logits: torch.Tensor, targets: torch.Tensor, q: int) -> torch.Tensor:
+        b = logits.shape[0] // q
+        return torch.stack(
+            [loss_fn(logits[i * b : (i + 1) * b], targets).reshape(()) for i in range(q)]
+        )
+
+    if ce_kwargs is None:
+        return looped
+
+    def vectorized(logits: torch.Tensor, targets: torch.Tensor, q: int) -> torch.Tensor:
+        if not targets.is_floating_point() and bool((targets == ignore_index).any()):
+            return looped(logits, targets, q)  # ignored samples change the mean's denominator
+        reps = (q,) + (1,) * (targets.ndim - 1)
+        per_sample = torch.nn.functional.cross_entropy(
+            logits, targets.repeat(reps), reduction="none", **ce_kwargs
+        )
+        return per_sample.view(q, -1).mean(1)
+
+    return vectorized
+
+
+def as_coords(coords: Any, dim: int) -> np.ndarray:
+    """Validate coordinate indices: a 1-D integer array with entries in ``[0, dim)``."""
+    if isinstance(coords, torch.Tensor):
+        coords = coords.detach().cpu().numpy()
+    arr = np.asarray(coords)
+    if arr.ndim != 1:
+        raise ValueError(f"coords must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"coords must be integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    bad = (arr < 0) | (arr >= dim)
+    if bad.any():
+        raise ValueError(f"coordinate {int(arr[bad][0])} out of range for dim={dim}")
+    return arr
+
+
+# ----------------------------------------------------------------------------------------
+# The reference
+def _naive_loop(
+    module: nn.Module,
+    loss_fn: LossFn,
+    param: torch.Tensor,
+    local: torch.Tensor,
+    step: float,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    loss_dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """Perturb ``param.view(-1)[i]`` in place for each ``i`` in ``local``; full forward each."""
+    flat = param.view(-1)
+    out = []
+    for i in local.tolist():
+        old = flat[i].clone()
+        flat[i] = old + step
+        try:
+            logits = module(inputs)
+            out.append(loss_fn(*cast_for_loss(logits, targets, loss_dtype)).reshape(()))
+        finally:
+            flat[i] = old
+    return torch.stack(out)
+
+
+@contextlib.contextmanager
+def _maybe_seeded(seed: int | None, device: torch.device) -> Iterator[None]:
+    if seed is None:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def naive_coordinate_values(
+    module: nn.Module,
+    loss_fn: LossFn,
+    x: torch.Tensor,
+    coords: Sequence[int] | np.ndarray | torch.Tensor,
+    step: float,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    loss_dtype: torch.dtype | None = torch.float64,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """Reference: for each coordinate, perturb it in place and run the full forward.
+
+    Returns ``(k,)`` losses (``loss_dtype``, see :func:`cast_for_loss`). Parameters and
+    buffers are restored afterwards; BatchNorm in training mode uses the batch statistics.
+    ``seed``: run every forward with torch's generators seeded to it (the same dropout masks
+    in every forward; the generators are restored afterwards).
+    """
+    view = ParamView(module)
+    coords_np = as_coords(coords, view.dim)
+    out = torch.empty(coords_np.shape[0], dtype=loss_dtype or view.dtype, device=view.device)
+    with torch.no_grad(), preserved_buffers(module), view.loaded(view.check_flat(x, "x")):
+        which = view.group_index(coords_np)
+        for k, c in enumerate(coords_np.tolist()):
+            g = int(which[k])
+            local = torch.tensor([c - view.groups[g].start])
+            with _maybe_seeded(seed, view.device):
+                out[k] = _naive_loop(
+                    module, loss_fn, view.params[g], local, step, inputs, targets, loss_dtype
+                )[0]
+    return out
+
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "Dense",
+    "LossFn",
+    "SparseCGEEngine",
+    "Value",
+    "as_coords",
+    "cast_for_loss",
+    "naive_coordinate_values",
+]
