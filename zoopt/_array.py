@@ -59,9 +59,15 @@ def as_float_vector(x0: Any, name: str = "x0") -> Array:
     mod = type(x0).__module__
     if not (mod.startswith("torch") or mod.startswith("cupy") or isinstance(x0, np.ndarray)):
         try:
-            x0 = np.asarray(x0, dtype=np.float64)
+            x0 = np.asarray(x0)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be a 1-D array of numbers, got {x0!r}") from exc
+    dtype_name = str(getattr(x0, "dtype", ""))
+    if "complex" in dtype_name:
+        raise TypeError(f"{name} must be real, got dtype {dtype_name} (optimize over real and "
+                        "imaginary parts as separate coordinates)")  # fmt: skip
+    if isinstance(x0, np.ndarray) and x0.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be a 1-D array of numbers, got dtype {x0.dtype}")
     if isinstance(x0, np.ndarray) and not np.issubdtype(x0.dtype, np.floating):
         x0 = x0.astype(np.float64)
     if mod.startswith("torch") and not x0.is_floating_point():
@@ -77,6 +83,13 @@ def as_float_vector(x0: Any, name: str = "x0") -> Array:
         bad = int(np.flatnonzero(~np.isfinite(host))[0])
         raise ValueError(f"{name} must be finite; {name}[{bad}] = {host[bad]}")
     return x0
+
+
+def copy_of(x: Array) -> Array:
+    """A copy of ``x`` in its own namespace and device (numpy, torch or CuPy)."""
+    if hasattr(x, "clone"):
+        return x.clone()
+    return x.copy()
 
 
 def itemsize(x: Array) -> int:

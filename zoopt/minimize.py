@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 
-from ._array import Array, as_float_vector, like, to_numpy
+from ._array import Array, as_float_vector, copy_of, like, to_numpy
 from .estimators import CGE, RGE, Estimate, Estimator, QueryPlan
 from .optim import SGD, Optimizer
 from .oracle import BaseOracle, BudgetExceeded, OracleError, as_oracle
@@ -77,7 +77,7 @@ class AskTell:
         mu: Schedule | None = None,
         coords: Callable[[int], Any] | None = None,
     ):
-        self.x = as_float_vector(x0)
+        self.x = copy_of(as_float_vector(x0))  # the caller's x0 is never written to
         self.dim = int(self.x.shape[0])
         self.estimator = estimator if estimator is not None else _default_estimator(self.dim)
         if not isinstance(self.estimator, Estimator):
@@ -92,7 +92,7 @@ class AskTell:
                 f"optimizer must be a zoopt optimizer (SGD, Adam, SignSGD), got {optimizer!r}"
             )
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        self.mu_schedule = None if mu is None else as_schedule(mu, "mu")
+        self.mu_schedule = None if mu is None else as_schedule(mu, "mu", allow_zero=False)
         self.coords = coords
         self.nit = 0
         self.last: Estimate | None = None
@@ -154,11 +154,33 @@ class AskTell:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        x = np.array(state["x"], copy=True)
+        """Continue from :meth:`state_dict`'s output. Everything is checked before anything
+        is changed: a bad state raises ``ValueError`` and leaves this object as it was."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
+        missing = {"x", "nit", "optimizer", "rng"} - set(state)
+        if missing:
+            raise ValueError(f"state is missing {sorted(missing)}")
+        try:
+            x = np.array(state["x"], dtype=np.float64, copy=True)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"state x is not an array of numbers: {exc}") from exc
         if x.shape != (self.dim,):
             raise ValueError(f"state x has shape {x.shape}, expected ({self.dim},)")
+        if not np.all(np.isfinite(x)):
+            bad = int(np.flatnonzero(~np.isfinite(x))[0])
+            raise ValueError(f"state x must be finite; x[{bad}] = {x[bad]}")
+        nit = state["nit"]
+        if isinstance(nit, bool) or not isinstance(nit, int | np.integer) or nit < 0:
+            raise ValueError(f"state nit must be a non-negative integer, got {nit!r}")
+        self.optimizer.check_state_dict(state["optimizer"], self.dim)
+        probe = type(self.rng.bit_generator)()
+        try:
+            probe.state = state["rng"]
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"state rng is not a {type(probe).__name__} state: {exc}") from exc
         self.x = like(x, self.x)
-        self.nit = int(state["nit"])
+        self.nit = int(nit)
         self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self._plan = None
@@ -215,6 +237,7 @@ def minimize(
     start_queries = oracle.queries
     history: dict[str, list[float]] = {"fun": [], "nfev": [], "lr": [], "grad_norm": []}
     message, success = f"completed maxiter={maxiter} iterations", True
+    interrupted = False
     last_fun = math.nan
     t0 = time.perf_counter()
     bar = None
@@ -269,17 +292,37 @@ def minimize(
                 message = f"gradient estimate norm {gnorm:.3g} < gtol={gtol}"
                 break
     except KeyboardInterrupt:
-        message, success = "interrupted (KeyboardInterrupt); returning the current state", False
+        interrupted = True
     finally:
         if bar is not None:
             bar.close()
     spent = oracle.queries - start_queries
     fun_x = last_fun
-    if max_queries is None or spent < max_queries:
+    if not interrupted and (max_queries is None or spent < max_queries):
         try:
             fun_x = oracle(at.x)
         except (BudgetExceeded, OracleError):
             pass
+        except KeyboardInterrupt:  # a Ctrl-C during that last query: keep what we have
+            interrupted = True
+    if interrupted:
+        # the function is not called again: the best point queried so far is the answer
+        message, success = "interrupted (KeyboardInterrupt); returning the best point so far", False
+        x_out, fun_out = at.x, last_fun
+        if oracle.best_x is not None:
+            x_out, fun_out = oracle.best_x, oracle.best_f
+        return OptimizeResult(
+            x=x_out,
+            fun=fun_out,
+            nit=at.nit,
+            nfev=oracle.queries - start_queries,
+            success=False,
+            message=message,
+            best_x=x_out,
+            best_fun=fun_out,
+            history=history,
+            wall_seconds=time.perf_counter() - t0,
+        )
     best_x, best_fun = oracle.best_x, oracle.best_f
     if best_x is None or fun_x < best_fun:
         best_x, best_fun = at.x, fun_x

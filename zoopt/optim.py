@@ -76,14 +76,38 @@ class Optimizer:
                 out[name] = None if buf is None else np.array(to_numpy(buf), copy=True)
         return out
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state_dict(self, state: Any, dim: int | None = None) -> None:
+        """Raise ``ValueError`` (naming what is wrong) unless ``state`` is a valid
+        :meth:`state_dict` of this optimizer (buffers of length ``dim`` if given)."""
+        if not isinstance(state, dict):
+            raise ValueError(f"optimizer state must be a dict, got {type(state).__name__}")
         missing = {"t", *self.buffers} - set(state)
         if missing:
-            raise KeyError(f"optimizer state is missing {sorted(missing)}")
+            raise ValueError(f"optimizer state is missing {sorted(missing)}")
+        t = state["t"]
+        if isinstance(t, bool) or not isinstance(t, int | np.integer) or t < 0:
+            raise ValueError(f"optimizer state t must be a non-negative integer, got {t!r}")
+        for name in self.buffers:
+            if state[name] is None:
+                continue
+            try:
+                buf = np.asarray(to_numpy(state[name]), dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"optimizer state {name!r} is not an array: {exc}") from exc
+            if buf.ndim != 1 or (dim is not None and buf.shape[0] != dim):
+                want = f"({dim},)" if dim is not None else "1-D"
+                raise ValueError(f"optimizer state {name!r} has shape {buf.shape}, expected {want}")
+            if not np.all(np.isfinite(buf)):
+                raise ValueError(f"optimizer state {name!r} holds non-finite values")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.check_state_dict(state)
         self.t = int(state["t"])
         self._state = {name: None for name in self.buffers}
         self._pending = {
-            name: np.asarray(state[name]) for name in self.buffers if state[name] is not None
+            name: np.array(to_numpy(state[name]), copy=True)
+            for name in self.buffers
+            if state[name] is not None
         }
 
 

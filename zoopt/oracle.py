@@ -14,7 +14,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
-from ._array import Array, device_of, itemsize, namespace, to_numpy
+from ._array import Array, copy_of, device_of, itemsize, namespace, to_numpy
 
 ErrorPolicy = Literal["raise", "inf"]
 
@@ -24,6 +24,10 @@ DEFAULT_MAX_BATCH_BYTES = 64 * 2**20
 
 class OracleError(RuntimeError):
     """The user's function raised, or returned a non-finite or malformed value."""
+
+
+class _MalformedValues(OracleError):
+    """The function returned something that is not one real number per query."""
 
 
 class BudgetExceeded(RuntimeError):
@@ -180,18 +184,23 @@ class BaseOracle:
         return first
 
     def _evaluate_checked(self, X: Array, first: int) -> Array:
+        n = X.shape[0]
         try:
-            values = self._evaluate(X)
+            values = _real_values(self._evaluate(X), n, first)
         except (BudgetExceeded, KeyboardInterrupt):
             raise
+        except _MalformedValues:
+            if self.on_error == "raise":
+                raise
+            return self._evaluate_rowwise_inf(X, first)
         except Exception as exc:
             if self.on_error == "raise":
                 raise OracleError(
-                    f"the function raised on queries {first}..{first + X.shape[0] - 1} "
+                    f"the function raised on queries {first}..{first + n - 1} "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
             return self._evaluate_rowwise_inf(X, first)
-        return self._apply_nonfinite_policy(values, X.shape[0], first, X)
+        return self._apply_nonfinite_policy(values, n, first, X)
 
     def _evaluate_rowwise_inf(self, X: Array, first: int) -> Array:
         """Under ``on_error='inf'``: row by row, so one failing query doesn't poison the batch."""
@@ -199,7 +208,7 @@ class BaseOracle:
         out = []
         for i in range(X.shape[0]):
             try:
-                v = self._evaluate(X[i : i + 1])
+                v = _real_values(self._evaluate(X[i : i + 1]), 1, first + i)
             except (BudgetExceeded, KeyboardInterrupt):
                 raise
             except Exception:
@@ -254,20 +263,58 @@ class FunctionOracle(BaseOracle):
         self.batched = bool(batched)
 
     def _evaluate(self, X: Array) -> Any:
+        # the function gets copies: writing into its argument must not change our iterate
         if self.batched:
-            return self.fn(X)
+            return self.fn(copy_of(X))
         values = np.empty(X.shape[0])
         for i in range(X.shape[0]):
-            v = self.fn(X[i])
-            try:
-                values[i] = float(v)
-            except (TypeError, ValueError) as exc:
-                raise OracleError(f"the function must return a number, got {v!r}") from exc
+            v = self.fn(copy_of(X[i]))
+            values[i] = _real_values(v, 1, i, single=True)[0]
         return values
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         return f"FunctionOracle({name}, dim={self.dim}, batched={self.batched}, queries={self.queries})"
+
+
+def _real_values(values: Any, n: int, first: int, single: bool = False) -> Any:
+    """``values`` as real numbers; a string, object or complex value is a malformed return.
+
+    Raises:
+        _MalformedValues: naming the queries and the offending value.
+    """
+    where = f"query {first}" if n == 1 else f"queries {first}..{first + n - 1}"
+    hint = " (on_error='inf' records +inf for such queries)"
+    if single:
+        if isinstance(values, bool | str | bytes) or (
+            hasattr(values, "dtype") and getattr(values.dtype, "kind", "f") not in "biuf"
+        ):
+            raise _MalformedValues(
+                f"the function returned {values!r} for {where}; expected a number{hint}"
+            )
+        try:
+            return np.asarray([float(values)])
+        except (TypeError, ValueError) as exc:
+            raise _MalformedValues(
+                f"the function returned {values!r} for {where}; expected a number{hint}"
+            ) from exc
+    if not hasattr(values, "dtype"):
+        try:
+            values = np.asarray(values)
+        except (TypeError, ValueError) as exc:
+            raise _MalformedValues(f"the function returned {values!r} for {where}{hint}") from exc
+    kind = getattr(values.dtype, "kind", None)
+    if kind is None:  # torch: bool, int and floating dtypes are fine, complex is not
+        if values.is_complex():
+            raise _MalformedValues(f"the function returned complex values for {where}{hint}")
+        return values
+    if kind not in "biuf":
+        sample = np.asarray(values).reshape(-1)[:1]
+        raise _MalformedValues(
+            f"the function returned values of dtype {values.dtype} (e.g. {sample[0]!r}) for "
+            f"{where}; expected real numbers{hint}"
+        )
+    return values
 
 
 def as_oracle(
@@ -293,6 +340,19 @@ def as_oracle(
     if isinstance(fn, BaseOracle):
         if dim is not None and dim != fn.dim:
             raise ValueError(f"dim={dim} does not match the oracle's dim={fn.dim}")
+        given = {
+            "batched": (batched, False),
+            "max_queries": (max_queries, None),
+            "on_error": (on_error, "raise"),
+            "on_nonfinite": (on_nonfinite, "raise"),
+            "max_batch_bytes": (max_batch_bytes, DEFAULT_MAX_BATCH_BYTES),
+        }
+        ignored = [f"{k}={v!r}" for k, (v, default) in given.items() if v != default]
+        if ignored:
+            raise ValueError(
+                f"as_oracle got an existing oracle and {', '.join(ignored)}: those settings "
+                "belong to the oracle; set them when you create it"
+            )
         return fn
     if dim is None:
         raise ValueError("dim is required to wrap a callable (the length of its input vector)")

@@ -82,8 +82,41 @@ class Step:
         return self.base * self.gamma ** (t // self.step_size)
 
 
-def as_schedule(value: float | Schedule, name: str = "value") -> Schedule:
-    """A schedule from a number (constant) or a callable (returned as is)."""
-    if callable(value):
+@dataclass(frozen=True)
+class Checked:
+    """A user's schedule whose every value is checked when it is used.
+
+    A NaN learning rate turns the iterate into NaN (and the error then blames the function);
+    a negative one ascends. Each value must be a finite real number ``>= 0`` (``> 0`` with
+    ``allow_zero=False``), else ``ValueError`` names the schedule, the step and the value.
+    """
+
+    fn: Callable[[int], float]
+    name: str
+    allow_zero: bool = True
+
+    def __call__(self, t: int) -> float:
+        value = self.fn(t)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        ok = math.isfinite(number) and (number >= 0 if self.allow_zero else number > 0)
+        if isinstance(value, bool) or not ok:
+            bound = ">= 0" if self.allow_zero else "> 0"
+            raise ValueError(
+                f"the {self.name} schedule returned {value!r} at step {t}; it must be a finite "
+                f"number {bound}"
+            )
+        return number
+
+
+def as_schedule(
+    value: float | Schedule, name: str = "value", *, allow_zero: bool = True
+) -> Schedule:
+    """A schedule from a number (constant) or a callable (its values checked when used)."""
+    if isinstance(value, Checked):
         return value
-    return Constant(_positive(name, value, allow_zero=True))
+    if callable(value):
+        return Checked(value, name, allow_zero)
+    return Constant(_positive(name, value, allow_zero=allow_zero))

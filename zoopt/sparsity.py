@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._array import Array, namespace, to_numpy
+from ._array import Array, like, namespace, to_numpy
 from .estimators import RGE, _check_mu
 from .oracle import BaseOracle, as_oracle
 
@@ -146,6 +146,7 @@ def zo_grasp_scores(
     q: int = 192,
     mu: float = 5e-3,
     rng: np.random.Generator | int | None = None,
+    progress: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """ZO-GraSP scores S = −x ⊙ [ĝ(x + μ·ĝ(x)) − ĝ(x)] / μ (DeepZero, Sec. 4).
 
@@ -159,6 +160,10 @@ def zo_grasp_scores(
         q: random directions per gradient estimate.
         mu: the RGE radius and the Hessian finite-difference step.
         rng: generator or seed for the directions.
+        progress: a dict to make the scoring resumable (e.g. kept in a checkpoint). After
+            the first estimate it holds ``seed``, ``g0`` (host float64) and ``queries``
+            spent; given such a dict, the first estimate is not recomputed (nor paid for
+            again) and ``rng`` is not used.
 
     Returns:
         Scores, host numpy float64 of shape ``(d,)``. GraSP prunes the *highest* scores.
@@ -173,8 +178,15 @@ def zo_grasp_scores(
     # difference is (1/q) Σ u_i [f(x'+μu_i) − f(x') − f(x+μu_i) + f(x)]/μ² with x' = x + μĝ:
     # the first-order terms u_iᵀ∇f(x) cancel exactly, leaving (1/q) Σ u_i u_iᵀ H ĝ + O(μ)
     # (exactly that on a quadratic). The price is a small bias, tr(H)/q · ∇f (docs/sparsity.md).
-    seed = int(gen.integers(2**63))
-    g0 = estimator.estimate(oracle, x, rng=np.random.default_rng(seed)).grad
+    progress = {} if progress is None else progress
+    if "g0" in progress:
+        seed = int(progress["seed"])
+        g0 = like(np.asarray(progress["g0"], dtype=np.float64), x)
+    else:
+        seed = int(gen.integers(2**63))
+        before = oracle.queries
+        g0 = estimator.estimate(oracle, x, rng=np.random.default_rng(seed)).grad
+        progress.update(seed=seed, g0=_host_f64(g0), queries=oracle.queries - before)
     shifted = x + mu * g0
     g1 = estimator.estimate(oracle, shifted, rng=np.random.default_rng(seed)).grad
     hg = (_host_f64(g1) - _host_f64(g0)) / mu

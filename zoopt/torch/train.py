@@ -15,16 +15,26 @@ Per step (``method="deepzero"``):
    momentum and weight decay.
 
 Checkpoints (``DIR/checkpoint.pt``) are written at the end of every epoch, every
-``checkpoint_every`` steps, on Ctrl-C, on an exhausted query budget and on any exception;
-``resume=True`` continues exactly: data order, augmentation, masks, RGE directions and
-optimizer state all come from saved or re-derivable random streams.
+``checkpoint_every`` steps, after ZO-GraSP scoring (and half-way through it), on Ctrl-C, on
+an exhausted query budget and on any exception. They always hold the state as of the last
+*completed* step: a step that is interrupted or fails is undone (parameters, optimizer,
+random streams, BatchNorm statistics, query counts), and a Ctrl-C while a step is being
+committed is held until the commit is done. ``resume=True`` continues exactly: data order,
+augmentation, masks, RGE directions and optimizer state all come from saved or re-derivable
+random streams, and the result is bit-identical to an uninterrupted run. Checkpoints hold
+only tensors, numbers, strings, lists and dicts and are read with ``weights_only=True``.
+See docs/reliability.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -56,6 +66,7 @@ class Task(Protocol):
 
     oracle: Any
     groups: list[Any]
+    batch_size: int
 
     def parameters_vector(self) -> torch.Tensor: ...
 
@@ -143,6 +154,9 @@ class TrainState:
     keep_ratios: dict[str, float] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
+    epoch_losses: list[float] = field(default_factory=list)  # of the epoch under way
+    epoch_queries: int = 0
+    grasp: dict[str, Any] = field(default_factory=dict)  # resumable ZO-GraSP scoring
 
 
 class Trainer:
@@ -190,6 +204,8 @@ class Trainer:
         )
         self.estimator_rng = np.random.default_rng([config.seed, 1])
         self.state = TrainState()
+        self._t_start: float | None = None
+        self._bar: Any = None
         self.mask: sp.DynamicMask | None = None
         self.x = task.parameters_vector()
         if resume and self.ckpt_path.exists():
@@ -219,11 +235,16 @@ class Trainer:
                 lambda v: task.oracle.loss_and_grad(v)[1], self.x, mu=cfg.grasp_mu
             )
         else:
+            # resumable: the first half's estimate is kept in the state (and checkpoint)
+            progress = self.state.grasp
+            done_before = int(progress.get("queries", 0))
             before = task.oracle.queries
             scores = sp.zo_grasp_scores(
-                task.oracle, self.x, q=cfg.grasp_q, mu=cfg.grasp_mu, rng=rng
+                task.oracle, self.x, q=cfg.grasp_q, mu=cfg.grasp_mu, rng=rng, progress=progress
             )
-            self.state.queries += task.oracle.queries - before
+            spent_now = task.oracle.queries - before
+            self.state.queries += spent_now + (done_before if "g0" in progress else 0)
+            self.state.grasp = {}
         return sp.keep_ratios_from_scores(scores, groups, cfg.sparsity)
 
     def _ensure_mask(self) -> None:
@@ -267,21 +288,10 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         """Train until ``config.epochs``; returns the summary (also in ``summary.json``)."""
-        cfg, st = self.config, self.state
-        if st.finished:
-            return self._summary()
-        t_start = time.perf_counter() - st.wall_seconds
-        self._ensure_mask()  # ZO-GraSP scoring counts towards wall time and queries
-        bar = self._progress_bar()
-        try:
-            while st.epoch < cfg.epochs:
-                self._run_epoch(bar, t_start)
-            st.finished = True
+        try:  # the first statement: a Ctrl-C anywhere in training leaves a checkpoint
+            return self._fit()
         except (KeyboardInterrupt, BudgetExceeded) as exc:
-            st.wall_seconds = time.perf_counter() - t_start
-            self._save_checkpoint()
-            if bar is not None:
-                bar.close()
+            self._close_after_stop()
             why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "query budget exhausted"
             print(
                 f"\nzoopt train: {why}; checkpoint saved to {self.ckpt_path} (resume with --resume)"
@@ -290,13 +300,33 @@ class Trainer:
                 raise
             return self._summary(stopped=why)
         except BaseException:
-            st.wall_seconds = time.perf_counter() - t_start
-            self._save_checkpoint()
-            if bar is not None:
-                bar.close()
+            self._close_after_stop()
             raise
-        if bar is not None:
-            bar.close()
+
+    def _close_after_stop(self) -> None:
+        if self._t_start is not None:
+            self.state.wall_seconds = time.perf_counter() - self._t_start
+        self._save_checkpoint()
+        if self._bar is not None:
+            self._bar.close()
+
+    def _fit(self) -> dict[str, Any]:
+        cfg, st = self.config, self.state
+        self._t_start = t_start = time.perf_counter() - st.wall_seconds
+        if st.epoch >= cfg.epochs:
+            st.finished = True
+            return self._summary()
+        st.finished = False  # e.g. resumed with a larger --epochs
+        if self.mask is None and cfg.method == "deepzero":
+            self._ensure_mask()  # ZO-GraSP scoring counts towards wall time and queries
+            st.wall_seconds = time.perf_counter() - t_start
+            self._save_checkpoint()  # the scores are paid for: keep them
+        self._bar = self._progress_bar()
+        while st.epoch < cfg.epochs:
+            self._run_epoch(self._bar, t_start)
+        st.finished = True
+        if self._bar is not None:
+            self._bar.close()
         st.wall_seconds = time.perf_counter() - t_start
         self._save_checkpoint()
         return self._summary()
@@ -325,8 +355,6 @@ class Trainer:
 
     def _run_epoch(self, bar: Any, t_start: float) -> None:
         cfg, st = self.config, self.state
-        losses: list[float] = []
-        epoch_queries = 0
         t_epoch = time.perf_counter()
         for i, batch in enumerate(self._epoch_batches(st.epoch)):
             if i < st.step_in_epoch:
@@ -335,18 +363,19 @@ class Trainer:
                 need = self.mask.coords().size + 1
                 if st.queries + need > cfg.max_queries:
                     raise BudgetExceeded(st.queries, cfg.max_queries, None, math.nan)
-            buffers = self.task.buffers_state()
+            before = self._snapshot()
             try:
                 loss, q = self._step(batch)
+                with deferred_interrupt():  # all of it, or (undone below) none of it
+                    st.epoch_losses.append(loss)
+                    st.epoch_queries += q
+                    st.queries += q
+                    st.step_in_epoch += 1
+                    st.global_step += 1
             except BaseException:
-                # keep the checkpoint at a step boundary: undo the running-stat update
-                self.task.load_buffers_state(buffers)
+                with deferred_interrupt():
+                    self._restore(before)  # the checkpoint stays at a step boundary
                 raise
-            losses.append(loss)
-            epoch_queries += q
-            st.queries += q
-            st.step_in_epoch += 1
-            st.global_step += 1
             if bar is not None:
                 elapsed = time.perf_counter() - t_epoch
                 last = st.history[-1] if st.history else {}
@@ -354,7 +383,7 @@ class Trainer:
                 bar.set_postfix(
                     loss=f"{loss:.4f}",
                     acc=f"{last.get('test_accuracy', float('nan')):.4f}",
-                    qps=f"{epoch_queries / max(elapsed, 1e-9):.0f}",
+                    qps=f"{st.epoch_queries / max(elapsed, 1e-9):.0f}",
                     refresh=False,
                 )
             if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:
@@ -363,60 +392,125 @@ class Trainer:
         metrics = self.task.evaluate()
         row = {
             "epoch": st.epoch + 1,
-            "train_loss": float(np.mean(losses)) if losses else math.nan,
+            "train_loss": float(np.mean(st.epoch_losses)) if st.epoch_losses else math.nan,
             "queries": st.queries,
             "epoch_seconds": time.perf_counter() - t_epoch,
             "wall_seconds": time.perf_counter() - t_start,
             "lr": self.optimizer.current_lr(),
             **metrics,
         }
-        st.history.append(row)
-        with open(self.out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(row) + "\n")
-        st.epoch += 1
-        st.step_in_epoch = 0
-        if self.mask is not None:
-            self.mask.advance()
+        with deferred_interrupt():
+            st.history.append(row)
+            with open(self.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            st.epoch += 1
+            st.step_in_epoch = 0
+            st.epoch_losses = []
+            st.epoch_queries = 0
+            if self.mask is not None:
+                self.mask.advance()
         st.wall_seconds = time.perf_counter() - t_start
         self._save_checkpoint()
         if cfg.plots:
             self._plot()
 
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything a step changes, to undo it (on the device, no host copies of x)."""
+        return {
+            "x": self.x.clone(),
+            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "rng": copy.deepcopy(self.estimator_rng.bit_generator.state),
+            "buffers": self.task.buffers_state(),
+            "state": copy.deepcopy({k: getattr(self.state, k) for k in _STEP_FIELDS}),
+        }
+
+    def _restore(self, snap: dict[str, Any]) -> None:
+        self.x = snap["x"]
+        self.task.load_vector(self.x)
+        self.optimizer.load_state_dict(snap["optimizer"])
+        self.estimator_rng.bit_generator.state = snap["rng"]
+        self.task.load_buffers_state(snap["buffers"])
+        # the oracle keeps counting the queries the undone step really spent
+        # (summary: queries_spent); the state counts those of completed steps
+        for key, value in snap["state"].items():
+            setattr(self.state, key, value)
+
     # -- checkpoints ----------------------------------------------------------------
     def _save_checkpoint(self) -> None:
+        """Write ``checkpoint.pt`` atomically (a crash mid-write keeps the old one). Only
+        tensors, numbers, strings, lists and dicts: it loads with ``weights_only=True``."""
+        state = asdict(self.state)
+        if "g0" in state["grasp"]:
+            state["grasp"] = {**state["grasp"], "g0": torch.as_tensor(state["grasp"]["g0"])}
         payload = {
+            "format": CHECKPOINT_FORMAT,
             "config": asdict(self.config),
-            "state": asdict(self.state),
+            "batch_size": int(self.task.batch_size),
+            "state": state,
             "x": self.x.detach().cpu(),
             "buffers": {k: v.detach().cpu() for k, v in self.task.buffers_state().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _tensors(self.optimizer.state_dict()),
             "estimator_rng": self.estimator_rng.bit_generator.state,
             "mask": None if self.mask is None else self.mask.state_dict(),
             "oracle_queries": self.task.oracle.queries,
         }
         tmp = self.ckpt_path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.ckpt_path)  # atomic: a crash mid-write never corrupts the old one
+        with deferred_interrupt():
+            torch.save(payload, tmp)
+            os.replace(tmp, self.ckpt_path)
+
+    def _read_checkpoint(self) -> dict[str, Any]:
+        """The checkpoint's payload, or ``ValueError`` naming the file and what is wrong."""
+        path = self.ckpt_path
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ValueError(
+                f"cannot read checkpoint {path} ({type(exc).__name__}: {detail[:300]})"
+            ) from exc
+        needed = {"config", "state", "x", "buffers", "optimizer", "estimator_rng", "mask"}
+        if not isinstance(payload, dict) or needed - set(payload):
+            missing = sorted(needed - set(payload)) if isinstance(payload, dict) else "all"
+            raise ValueError(
+                f"cannot read checkpoint {path} (not a zoopt checkpoint: missing {missing})"
+            )
+        return payload
 
     def _load_checkpoint(self) -> None:
-        payload = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        saved = payload["config"]
-        for key in ("method", "sparsity", "seed", "ratios", "mu", "scheme"):
-            if saved.get(key) != getattr(self.config, key):
+        payload = self._read_checkpoint()
+        saved = dict(payload["config"])
+        saved["batch_size"] = payload.get("batch_size")
+        mine = {**asdict(self.config), "batch_size": int(self.task.batch_size)}
+        for key in _RESUME_MUST_MATCH:
+            if saved.get(key) != mine[key]:
                 raise ValueError(
                     f"checkpoint {self.ckpt_path} was written with {key}={saved.get(key)!r}, "
-                    f"but this run has {key}={getattr(self.config, key)!r}"
+                    f"but this run has {key}={mine[key]!r}; resume with the same setting, or "
+                    "start a new run in another folder"
                 )
-        self.state = TrainState(**payload["state"])
-        self.x = payload["x"].to(device=self.x.device, dtype=self.x.dtype)
-        self.task.load_vector(self.x)
-        self.task.load_buffers_state(payload["buffers"])
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.estimator_rng.bit_generator.state = payload["estimator_rng"]
-        if payload["mask"] is not None:
-            self._ensure_mask()
-            self.mask.load_state_dict(payload["mask"])
-        self.task.oracle.queries = int(payload["oracle_queries"])
+        try:
+            state = dict(payload["state"])
+            if "g0" in state.get("grasp", {}):
+                state["grasp"] = {**state["grasp"], "g0": state["grasp"]["g0"].numpy()}
+            self.state = TrainState(**state)
+            self.x = payload["x"].to(device=self.x.device, dtype=self.x.dtype)
+            self.task.load_vector(self.x)
+            self.task.load_buffers_state(payload["buffers"])
+            self.optimizer.load_state_dict(payload["optimizer"])
+            self.estimator_rng.bit_generator.state = payload["estimator_rng"]
+            if payload["mask"] is not None:
+                self._ensure_mask()
+                self.mask.load_state_dict(payload["mask"])
+            self.task.oracle.queries = int(payload["oracle_queries"])
+        except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+            raise ValueError(f"cannot resume from checkpoint {self.ckpt_path}: {exc}") from exc
+        # metrics.jsonl is rewritten from the checkpoint's history: a row written just before
+        # an interrupt, for an epoch the checkpoint does not count, would otherwise repeat
+        rows = "".join(json.dumps(row) + "\n" for row in self.state.history)
+        tmp = self.out / "metrics.jsonl.tmp"
+        tmp.write_text(rows)
+        os.replace(tmp, self.out / "metrics.jsonl")
         print(
             f"zoopt train: resumed from {self.ckpt_path} at epoch {self.state.epoch}, "
             f"step {self.state.step_in_epoch}"
@@ -432,6 +526,7 @@ class Trainer:
             "epochs_completed": st.epoch,
             "steps": st.global_step,
             "queries": st.queries,
+            "queries_spent": int(self.task.oracle.queries),
             "wall_seconds": st.wall_seconds,
             "finished": st.finished,
             "stopped": stopped,
@@ -472,3 +567,49 @@ class Trainer:
 def _assert_finite(x: torch.Tensor, what: str) -> None:
     if not bool(torch.isfinite(x).all()):
         raise FloatingPointError(f"{what} became non-finite; lower the learning rate or mu")
+
+
+#: Settings a resumed run must share with the checkpoint (they shape the trajectory);
+#: ``epochs`` may grow (the run continues), budgets and outputs may change.
+_RESUME_MUST_MATCH = (
+    "method", "sparsity", "seed", "ratios", "mu", "scheme", "lr", "momentum", "nesterov",
+    "weight_decay", "warmup_epochs", "final_lr", "grasp_q", "grasp_mu", "reshuffle_every",
+    "rge_q", "max_steps_per_epoch", "batch_size",
+)  # fmt: skip
+
+#: TrainState fields one step changes (undone when the step does not complete).
+_STEP_FIELDS = ("epoch_losses", "epoch_queries", "queries", "step_in_epoch", "global_step")
+
+CHECKPOINT_FORMAT = 2
+
+
+def _tensors(state: dict[str, Any]) -> dict[str, Any]:
+    """numpy arrays in a (flat) state dict as tensors, so it loads with weights_only=True."""
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it.
+
+    For short blocks that must not be cut in half (committing a step, writing a checkpoint).
+    Only the main thread receives signals; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[tuple[int, Any]] = []
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
+    except ValueError:  # not allowed here (e.g. an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(*held[0])
+        elif held and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
