@@ -28,62 +28,100 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from zoopt.train_cli import build_task, config_from_args, train_args
-
-# Embedded default recipe on digits: `zoopt train`'s defaults (the paper's optimizer settings,
-# batch 64 and 20 epochs on digits), equal epochs for both methods.
-EPOCHS, SPARSITY = 20, 0.9
+from zoopt.train_cli import TrainOptions, build_task, config_from_options
 
 
-def run(method: str, args: argparse.Namespace) -> dict:
+@dataclass(frozen=True)
+class ImageClassificationConfig:
+    """The comparison's settings; every training setting not named here is ``zoopt train``'s
+    default (the paper's optimizer recipe, batch 64 and 20 epochs on digits)."""
+
+    out: str = "runs/image_classification"
+    epochs: int = 20
+    sparsity: float = 0.9
+    seed: int = 0
+    max_steps: int | None = None  # cap on steps per epoch (smoke runs)
+    resume: bool = False
+    progress: bool = True
+
+    def train_options(self, method: str) -> TrainOptions:
+        return TrainOptions(
+            method=method,
+            epochs=self.epochs,
+            sparsity=self.sparsity,
+            seed=self.seed,
+            max_steps=self.max_steps,
+            resume=self.resume,
+            progress=self.progress,
+            out=str(Path(self.out) / method),
+        )
+
+
+def train_method(config: ImageClassificationConfig, method: str) -> dict[str, Any]:
+    """Train the small CNN with ``method`` (``deepzero`` or ``fo``); returns the summary."""
     from zoopt.torch.train import Trainer
 
-    ns = argparse.Namespace(**{**vars(args), "method": method})
-    task, info = build_task(ns)
-    out = Path(args.out) / method
-    summary = Trainer(task, config_from_args(ns), out, resume=args.resume, extra_summary=info).fit()
-    return summary
+    opts = config.train_options(method)
+    task, info = build_task(opts)
+    trainer = Trainer(
+        task, config_from_options(opts), opts.out, resume=opts.resume, extra_summary=info
+    )
+    return trainer.fit()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="DeepZero vs first-order image classification.")
-    ap.add_argument("--out", default="runs/image_classification")
-    ap.add_argument("--epochs", type=int, default=EPOCHS)
-    ap.add_argument("--sparsity", type=float, default=SPARSITY)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (smoke runs)")
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--no-progress", action="store_true")
-    cli = ap.parse_args(argv)
-    args = train_args(**vars(cli))
-
-    results = {m: run(m, args) for m in ("deepzero", "fo")}
-    dz, fo = results["deepzero"], results["fo"]
-    ratio = dz["test_accuracy"] / fo["test_accuracy"] if fo["test_accuracy"] else float("nan")
-    table = {
-        "deepzero_test_accuracy": dz["test_accuracy"],
-        "fo_test_accuracy": fo["test_accuracy"],
-        "deepzero_over_fo": ratio,
-        "deepzero_queries": dz["queries"],
-        "deepzero_wall_seconds": dz["wall_seconds"],
+def compare(deepzero: dict[str, Any], fo: dict[str, Any], config: ImageClassificationConfig):
+    """The comparison table (what ``comparison.json`` holds)."""
+    fo_acc = fo["test_accuracy"]
+    return {
+        "deepzero_test_accuracy": deepzero["test_accuracy"],
+        "fo_test_accuracy": fo_acc,
+        "deepzero_over_fo": deepzero["test_accuracy"] / fo_acc if fo_acc else float("nan"),
+        "deepzero_queries": deepzero["queries"],
+        "deepzero_wall_seconds": deepzero["wall_seconds"],
         "fo_wall_seconds": fo["wall_seconds"],
-        "sparsity": args.sparsity,
-        "epochs": args.epochs,
+        "sparsity": config.sparsity,
+        "epochs": config.epochs,
     }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "comparison.json").write_text(json.dumps(table, indent=2))
+
+
+def run(config: ImageClassificationConfig) -> dict[str, Any]:
+    """Train both methods, write ``OUT/comparison.json``, print the comparison."""
+    dz, fo = (train_method(config, m) for m in ("deepzero", "fo"))
+    table = compare(dz, fo, config)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    (Path(config.out) / "comparison.json").write_text(json.dumps(table, indent=2))
     print("\n" + "=" * 60)
     print(
-        f"DeepZero ({args.sparsity:.0%} gradient sparsity): test accuracy {dz['test_accuracy']:.4f}"
-        f"  ({dz['queries']:,} queries, {dz['wall_seconds']:.0f} s)"
+        f"DeepZero ({config.sparsity:.0%} gradient sparsity): test accuracy "
+        f"{dz['test_accuracy']:.4f}  ({dz['queries']:,} queries, {dz['wall_seconds']:.0f} s)"
     )
     print(
         f"First-order SGD baseline:            test accuracy {fo['test_accuracy']:.4f}"
         f"  ({fo['wall_seconds']:.0f} s)"
     )
-    print(f"DeepZero / FO = {ratio:.3f}   (results in {args.out})")
+    print(f"DeepZero / FO = {table['deepzero_over_fo']:.3f}   (results in {config.out})")
+    return table
+
+
+def parse_args(argv: list[str] | None = None) -> ImageClassificationConfig:
+    d = ImageClassificationConfig()
+    ap = argparse.ArgumentParser(description="DeepZero vs first-order image classification.")
+    ap.add_argument("--out", default=d.out)
+    ap.add_argument("--epochs", type=int, default=d.epochs)
+    ap.add_argument("--sparsity", type=float, default=d.sparsity)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--max-steps", type=int, default=d.max_steps, help="cap steps per epoch")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--no-progress", dest="progress", action="store_false")
+    return ImageClassificationConfig(**vars(ap.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
     return 0
 
 

@@ -1,7 +1,7 @@
 """Forward parallelization: one sparse-CGE gradient step split across Dask workers.
 
 For each worker count: a local Dask cluster (one thread per worker), a
-:class:`~zoopt.distributed.DistributedOracle` over a :class:`~zoopt.torch.oracle.ModuleOracle`
+:class:`~zoopt.parallel.ParallelOracle` over a :class:`~zoopt.torch.oracle.ModuleOracle`
 of the model, and the time of ``CGE(mu).estimate(oracle, x, fx=fx, coords=coords)`` — the
 gradient of one DeepZero step on a fixed batch (synthetic CIFAR-shaped data: nothing is
 downloaded) with a per-layer uniform random mask (weights at ``--sparsity``, BatchNorm
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from zoopt import CGE
 from zoopt import sparsity as sp
-from zoopt.distributed import DistributedOracle, ModuleOracleFactory, connect
+from zoopt.parallel import ParallelOracle, connect
 from zoopt.torch.models import build_model
 from zoopt.torch.oracle import ModuleOracle
 
@@ -91,7 +91,7 @@ def single_process(args: argparse.Namespace, oracle: ModuleOracle, x, coords) ->
     }
 
 
-def distributed_run(
+def parallel_run(
     args: argparse.Namespace, workers: int, template: ModuleOracle, batch, x, coords, ref
 ) -> dict:
     t0 = time.perf_counter()
@@ -104,8 +104,8 @@ def distributed_run(
             F.cross_entropy,
             max_batch_bytes=template.engine.chunk_bytes,
         )
-        factory = ModuleOracleFactory.from_oracle(local)
-        with DistributedOracle(factory, client, local=local, timeout=args.timeout) as oracle:
+        # the workers' replicas come from local.replica_factory(): a copy of its model
+        with ParallelOracle(local, client, timeout=args.timeout) as oracle:
             oracle.set_batch(*batch)
             fx = oracle.base_value(x)
             t1 = time.perf_counter()
@@ -176,7 +176,7 @@ def main() -> None:
     oracle, x, batch, coords = make_problem(args)
     log(f"{args.model}: d={oracle.dim}, batch={args.batch}, {coords.size} coordinates per step")
     ref = single_process(args, oracle, x, coords)
-    runs = [distributed_run(args, n, oracle, batch, x, coords, ref) for n in args.workers]
+    runs = [parallel_run(args, n, oracle, batch, x, coords, ref) for n in args.workers]
     one = next((r for r in runs if r["workers"] == 1), None)
     for r in runs:
         r["speedup_vs_1_worker"] = (

@@ -36,10 +36,11 @@ def zo_step_timing(
     """Seconds of ``repeats`` ZO steps (base rollout + CGE on a uniform 95%-sparse mask)."""
     import torch
 
+    from applications.sol.model import CorrectionCNN, Normalization
+    from applications.sol.oracle import SolverInTheLoopOracle
     from oracles.wake_flow import WakeFlowSimulator
     from zoopt import CGE
     from zoopt import sparsity as sp
-    from zoopt.torch.sol import CorrectionCNN, Normalization, SolverInTheLoopOracle
 
     sim = WakeFlowSimulator(res)
     frames = sim.rollout(sim.initial_state(windows), 60 + n_steps, reynolds=200.0)[:, 60:]

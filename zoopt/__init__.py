@@ -1,9 +1,10 @@
 """zoopt — zeroth-order optimization of black boxes, scaled to deep networks (DeepZero).
 
 Light to import: numpy, scipy and array-api-compat only; torch, CuPy, PhiFlow and Dask are
-imported when a feature needs them (``zoopt.torch``, ``zoopt.distributed``, ``oracles``).
+imported when a feature needs them (``zoopt.torch``, ``zoopt.parallel``, ``oracles``).
 """
 
+from ._coords import check_coords
 from .estimators import CGE, RGE, Estimate, Estimator, QueryPlan, make_estimator
 from .minimize import AskTell, OptimizeResult, minimize
 from .optim import SGD, Adam, Optimizer, SignSGD, make_optimizer
@@ -34,6 +35,7 @@ __all__ = [
     "Step",
     "as_oracle",
     "as_schedule",
+    "check_coords",
     "make_estimator",
     "make_optimizer",
     "minimize",

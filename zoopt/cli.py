@@ -1,8 +1,11 @@
 """The ``zoopt`` command line.
 
 ``zoopt minimize FUNCTION`` optimizes a named test function or a user function given as
-``module:function``; other commands (training, serving) register themselves below and
-import their heavy dependencies only when run.
+``module:function``; ``zoopt train`` trains an image classifier (:mod:`zoopt.train_cli`).
+Every other command (``demo``, ``experiment``, ``serve-classifier``, or a plug-in's) is found
+through the ``zoopt.commands`` entry points, so the library never imports the packages that
+provide them: an entry point names a function that adds one subparser (with ``func`` set) to
+the ``zoopt`` subparsers. Commands import their heavy dependencies only when run.
 """
 
 from __future__ import annotations
@@ -16,11 +19,8 @@ from typing import Any
 
 import numpy as np
 
-#: (module, function adding the subparser) of commands that live outside this file.
-EXTERNAL_COMMANDS: list[tuple[str, str]] = [
-    ("zoopt.train_cli", "add_train_parser"),
-    ("oracles.http_service", "add_serve_parser"),
-]
+#: entry-point group of the commands that live outside the library
+COMMANDS_GROUP = "zoopt.commands"
 
 
 def _load_function(spec: str) -> tuple[Callable[..., Any], bool, np.ndarray | None, float | None]:
@@ -155,43 +155,15 @@ def _add_minimize(sub: Any) -> None:
     p.set_defaults(func=_cmd_minimize)
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on the embedded default: DeepZero vs first-order SGD on digits."""
-    from applications.image_classification import main as image_classification
+def _add_plugin_commands(sub: Any) -> None:
+    """Every ``zoopt.commands`` entry point, by name; a broken one is reported, not fatal."""
+    from importlib.metadata import entry_points
 
-    print("zoopt demo: DeepZero (ZO-GraSP ratios, 90% gradient sparsity, sparse CGE) vs the")
-    print("first-order baseline, small CNN on scikit-learn's 8x8 digits, 20 epochs each.\n")
-    return image_classification(["--out", args.out])
-
-
-#: the paper's experiments: ``zoopt experiment NAME ARGS...`` runs ``applications/NAME.py``
-EXPERIMENTS: dict[str, str] = {
-    "image_classification": "DeepZero vs first-order training (digits; CIFAR-10 at paper scale)",
-    "cge_vs_rge": "CGE vs RGE accuracy and time as the model widens (Fig. 2)",
-    "feature_reuse": "sparse-CGE step time: naive loop vs block reuse vs the engine (Fig. 3)",
-    "zo_grasp_vs_random": "ZO-GraSP layer-wise ratios vs random/uniform ratios",
-    "certified_defense": "black-box defense: FO-DS / ZO-AE-DS / DeepZero certified accuracy",
-    "zo_sol": "solver-in-the-loop wake flow: SRC / NON / FO-SOL / ZO-SOL",
-}
-
-
-def _cmd_experiment(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"applications.{args.name}")
-    return int(module.main(list(args.args)) or 0)
-
-
-def _add_experiment(sub: Any) -> None:
-    listing = "\n".join(f"  {name:<22} {what}" for name, what in EXPERIMENTS.items())
-    p = sub.add_parser(
-        "experiment",
-        help="run one of the paper's experiments (applications/NAME.py)",
-        description="Run one of the paper's experiments with its embedded default, or with the "
-        "options it takes (zoopt experiment NAME --help).\n\n" + listing,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("name", choices=sorted(EXPERIMENTS), metavar="NAME", help="experiment name")
-    p.add_argument("args", nargs=argparse.REMAINDER, help="options of the experiment")
-    p.set_defaults(func=_cmd_experiment)
+    for ep in sorted(entry_points(group=COMMANDS_GROUP), key=lambda e: e.name):
+        try:
+            ep.load()(sub)
+        except Exception as exc:  # a plug-in must not take `zoopt minimize` down with it
+            print(f"zoopt: command {ep.name!r} ({ep.value}) unavailable: {exc}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,17 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_minimize(sub)
-    p = sub.add_parser(
-        "demo",
-        help="DeepZero vs first-order training on the embedded digits default",
-        description="Train the small CNN on scikit-learn's digits with DeepZero (90%% gradient "
-        "sparsity) and with first-order SGD, and print both test accuracies.",
-    )
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.set_defaults(func=_cmd_demo)
-    _add_experiment(sub)
-    for module_name, adder in EXTERNAL_COMMANDS:
-        getattr(importlib.import_module(module_name), adder)(sub)
+    from .train_cli import add_train_parser
+
+    add_train_parser(sub)
+    _add_plugin_commands(sub)
     return parser
 
 

@@ -31,8 +31,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._array import Array, device_of, itemsize, namespace, to_numpy
-from .oracle import DEFAULT_MAX_BATCH_BYTES, BaseOracle
+from ._array import Array, device_of, itemsize, namespace
+from ._coords import check_coords
+from .oracle import BaseOracle
 
 Direction = Literal["gaussian", "sphere", "rademacher"]
 RGEScheme = Literal["forward", "central", "antithetic"]
@@ -94,7 +95,7 @@ class QueryPlan:
         """Send the plan's points to ``oracle`` in memory-capped chunks; returns ``(n,)`` values."""
         x = self.x
         xp = namespace(x)
-        if self.coord_steps is not None and hasattr(oracle, "eval_coordinate_steps"):
+        if self.coord_steps is not None:  # oracles with structure answer these fast
             parts = []
             if self.includes_base:
                 parts.append(oracle.batch(xp.reshape(x, (1, -1))))
@@ -102,7 +103,7 @@ class QueryPlan:
                 parts.append(oracle.eval_coordinate_steps(x, coords, step))
             parts = [xp.asarray(p, device=device_of(x)) for p in parts if p.shape[0] > 0]
             return xp.concat(parts) if parts else xp.zeros((0,), dtype=x.dtype, device=device_of(x))
-        cap = max_batch_bytes or getattr(oracle, "max_batch_bytes", DEFAULT_MAX_BATCH_BYTES)
+        cap = max_batch_bytes or oracle.max_batch_bytes
         rows = max(1, cap // max(1, x.shape[0] * itemsize(x)))
         out = [oracle.batch(self.points(s, min(s + rows, self.n))) for s in range(0, self.n, rows)]
         out = [xp.asarray(v, device=device_of(x)) for v in out]
@@ -115,11 +116,22 @@ class Estimator:
     mu: float
 
     def plan(
-        self, x: Array, *, rng: np.random.Generator | int | None = None, fx: float | None = None
+        self,
+        x: Array,
+        *,
+        rng: np.random.Generator | int | None = None,
+        fx: float | None = None,
+        coords: Any = None,
     ) -> QueryPlan:  # pragma: no cover - abstract
+        """The points of one estimate at ``x``: ``rng`` draws random directions, ``fx``
+        (f(x), if known) saves the base query, ``coords`` restricts coordinate estimators to
+        a set of coordinates (estimators that cannot restrict refuse it)."""
         raise NotImplementedError
 
-    def queries_per_step(self, dim: int, fx_known: bool = False) -> int:  # pragma: no cover
+    def queries_per_step(
+        self, dim: int, fx_known: bool = False, coords: Any = None
+    ) -> int:  # pragma: no cover
+        """Queries of one estimate in dimension ``dim`` (``coords``: as for :meth:`plan`)."""
         raise NotImplementedError
 
     def estimate(
@@ -138,9 +150,9 @@ class Estimator:
             x: the point, shape ``(d,)`` (numpy, torch or CuPy; the gradient has the same type).
             rng: random generator or seed for random directions (ignored by CGE).
             fx: f(x) if already known; saves one query in forward schemes.
-            plan_options: estimator-specific, e.g. ``coords=`` for :class:`CGE`.
+            plan_options: ``coords=`` (sparse CGE).
         """
-        if getattr(oracle, "dim", x.shape[0]) != x.shape[0]:
+        if oracle.dim != x.shape[0]:
             raise ValueError(f"x has {x.shape[0]} entries but the oracle has dim={oracle.dim}")
         plan = self.plan(x, rng=rng, fx=fx, **plan_options)
         return plan.finish(plan.evaluate(oracle))
@@ -188,7 +200,9 @@ class RGE(Estimator):
     def n_directions(self) -> int:
         return self.q // 2 if self.scheme == "antithetic" else self.q
 
-    def queries_per_step(self, dim: int, fx_known: bool = False) -> int:
+    def queries_per_step(self, dim: int, fx_known: bool = False, coords: Any = None) -> int:
+        if coords is not None:
+            raise ValueError("RGE perturbs all coordinates at once and takes no coords")
         if self.scheme == "forward":
             return self.q + (0 if fx_known else 1)
         return 2 * self.q if self.scheme == "central" else self.q
@@ -205,8 +219,18 @@ class RGE(Estimator):
         return u / np.where(norms > 0, norms, 1.0)
 
     def plan(
-        self, x: Array, *, rng: np.random.Generator | int | None = None, fx: float | None = None
+        self,
+        x: Array,
+        *,
+        rng: np.random.Generator | int | None = None,
+        fx: float | None = None,
+        coords: Any = None,
     ) -> QueryPlan:
+        if coords is not None:
+            raise ValueError(
+                "RGE perturbs all coordinates at once and takes no coords; use CGE for a "
+                "coordinate subset"
+            )
         xp = namespace(x)
         d = x.shape[0]
         # Directions come from a numpy Generator so that numpy, torch and CuPy runs with the
@@ -266,31 +290,6 @@ def _values_for_differences(xp: Any, values: Any, x: Array) -> Array:
     return values
 
 
-def _coords_array(coords: Any, dim: int) -> np.ndarray:
-    """Validate ``coords`` (indices or a boolean mask of length dim) → sorted unique int64 indices."""
-    c = to_numpy(coords)
-    c = np.asarray(c)
-    if c.dtype == bool:
-        if c.shape != (dim,):
-            raise ValueError(f"a boolean coords mask must have shape ({dim},), got {c.shape}")
-        return np.flatnonzero(c)
-    if c.ndim != 1:
-        raise ValueError(
-            f"coords must be a 1-D array of indices or a boolean mask, got shape {c.shape}"
-        )
-    if c.size == 0:
-        return c.astype(np.int64)
-    if not np.issubdtype(c.dtype, np.integer):
-        raise TypeError(f"coords must hold integer indices or booleans, got dtype {c.dtype}")
-    if c.min() < 0 or c.max() >= dim:
-        bad = c[(c < 0) | (c >= dim)][0]
-        raise ValueError(f"coords out of range for dim={dim}: index {bad}")
-    u = np.unique(c)
-    if u.size != c.size:
-        raise ValueError("coords contains duplicate indices")
-    return u.astype(np.int64)
-
-
 @dataclass(frozen=True)
 class CGE(Estimator):
     """Coordinate-wise gradient estimator; with ``coords`` it is sparse CGE.
@@ -312,8 +311,9 @@ class CGE(Estimator):
         if self.scheme not in ("forward", "central"):
             raise ValueError(f"scheme must be 'forward' or 'central' for CGE, got {self.scheme!r}")
 
-    def queries_per_step(self, dim: int, fx_known: bool = False) -> int:
-        k = dim if self.coords is None else _coords_array(self.coords, dim).size
+    def queries_per_step(self, dim: int, fx_known: bool = False, coords: Any = None) -> int:
+        chosen = coords if coords is not None else self.coords
+        k = dim if chosen is None else check_coords(chosen, dim, unique=True).size
         return k + (0 if fx_known else 1) if self.scheme == "forward" else 2 * k
 
     def plan(
@@ -328,7 +328,9 @@ class CGE(Estimator):
         d = x.shape[0]
         dev = device_of(x)
         chosen = coords if coords is not None else self.coords
-        idx = np.arange(d, dtype=np.int64) if chosen is None else _coords_array(chosen, d)
+        idx = (
+            np.arange(d, dtype=np.int64) if chosen is None else check_coords(chosen, d, unique=True)
+        )
         k = idx.size
         mu = self.mu
         forward = self.scheme == "forward"

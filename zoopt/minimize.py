@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 
 from ._array import Array, as_float_vector, copy_of, like, to_numpy
-from .estimators import CGE, RGE, Estimate, Estimator, QueryPlan
+from .estimators import RGE, Estimate, Estimator, QueryPlan
 from .optim import SGD, Optimizer
 from .oracle import BaseOracle, BudgetExceeded, OracleError, as_oracle
-from .schedules import Schedule, as_schedule
+from .schedules import Schedule
+from .step import ZO, update
 
 
 class OptimizeResult(dict):
@@ -92,26 +93,21 @@ class AskTell:
                 f"optimizer must be a zoopt optimizer (SGD, Adam, SignSGD), got {optimizer!r}"
             )
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        self.mu_schedule = None if mu is None else as_schedule(mu, "mu", allow_zero=False)
-        self.coords = coords
+        self.source = ZO(self.estimator, mu=mu, coords=coords)
         self.nit = 0
         self.last: Estimate | None = None
         self._plan: QueryPlan | None = None
 
-    def _estimator_now(self) -> Estimator:
-        if self.mu_schedule is None:
-            return self.estimator
-        return self.estimator.with_mu(float(self.mu_schedule(self.nit)))
-
     def plan(self) -> QueryPlan:
         """The query plan of the current step (created once per step)."""
         if self._plan is None:
-            est = self._estimator_now()
-            if isinstance(est, CGE) and self.coords is not None:
-                self._plan = est.plan(self.x, rng=self.rng, coords=self.coords(self.nit))
-            else:
-                self._plan = est.plan(self.x, rng=self.rng)
+            self._plan = self.source.plan(self.x, rng=self.rng, iteration=self.nit)
         return self._plan
+
+    def discard(self) -> None:
+        """Forget the pending plan (its values will not be told); the next ``ask`` plans
+        the same iteration again."""
+        self._plan = None
 
     def ask(self) -> Array:
         """The ``(n, d)`` points whose values the next :meth:`tell` needs (same until told)."""
@@ -134,7 +130,7 @@ class AskTell:
             bad = int(np.flatnonzero(~np.isfinite(host))[0])
             raise ValueError(f"tell got a non-finite value {host[bad]} at index {bad}")
         est = plan.finish(like(values, self.x))
-        self.x = self.optimizer.step(self.x, est.grad)
+        self.x = update(self.optimizer, self.x, est)
         self.last = est
         self.nit += 1
         self._plan = None
@@ -266,7 +262,7 @@ def minimize(
                     "a queried value was non-finite (on_nonfinite='inf'); stopped",
                     False,
                 )
-                at._plan = None
+                at.discard()
                 break
             est = at.tell(values)
             gnorm = float(np.linalg.norm(to_numpy(est.grad)))

@@ -59,6 +59,35 @@ class Oracle(Protocol):
     def batch(self, X: Array) -> Array: ...
 
 
+@runtime_checkable
+class TrainableOracle(Protocol):
+    """An oracle over a model's flat parameters and a data batch: what the trainer drives.
+
+    ``set_batch(*batch)`` takes one item of the task's ``train_batches`` (unpacked; each
+    oracle documents its arrays); ``base_value(x)`` is f(x) by the one forward per step that
+    may update model state (BatchNorm running statistics) and costs one query;
+    ``eval_coordinate_steps`` and ``batch`` are :class:`BaseOracle`'s.
+    """
+
+    dim: int
+    queries: int
+
+    def set_batch(self, *batch: Any) -> None: ...
+
+    def base_value(self, x: Array) -> float: ...
+
+    def batch(self, X: Array) -> Array: ...
+
+    def eval_coordinate_steps(self, x: Array, coords: Array, step: float) -> Array: ...
+
+
+@runtime_checkable
+class DifferentiableOracle(Protocol):
+    """An oracle that can also give its exact gradient (first-order baselines, FO-GraSP)."""
+
+    def loss_and_grad(self, x: Array, *, update_stats: bool = True) -> tuple[float, Array]: ...
+
+
 def _check_policy(name: str, value: str) -> str:
     if value not in ("raise", "inf"):
         raise ValueError(f"{name} must be 'raise' or 'inf', got {value!r}")
@@ -183,24 +212,47 @@ class BaseOracle:
         self.queries += n
         return first
 
-    def _evaluate_checked(self, X: Array, first: int) -> Array:
-        n = X.shape[0]
+    #: what the error messages call the thing being queried
+    _what = "function"
+
+    def guarded(
+        self,
+        evaluate: Callable[[], Any],
+        n: int,
+        first: int,
+        points: Array | None,
+        fallback: Callable[[], Array] | None = None,
+    ) -> Array:
+        """The one guarded call every evaluation goes through: ``evaluate()`` for queries
+        ``first..first+n-1`` under the error policy (``on_error``: raise an ``OracleError``
+        naming the queries, or use ``fallback()``, default all ``+inf``) and the value checks
+        (real numbers, ``n`` of them, ``on_nonfinite``). ``points``: ``(n or 1, d)`` of the
+        queries' array type, for the result's namespace and device."""
         try:
-            values = _real_values(self._evaluate(X), n, first)
+            values = _real_values(evaluate(), n, first)
         except (BudgetExceeded, KeyboardInterrupt):
             raise
-        except _MalformedValues:
-            if self.on_error == "raise":
-                raise
-            return self._evaluate_rowwise_inf(X, first)
         except Exception as exc:
             if self.on_error == "raise":
+                if isinstance(exc, _MalformedValues):
+                    raise
                 raise OracleError(
-                    f"the function raised on queries {first}..{first + n - 1} "
+                    f"the {self._what} raised on queries {first}..{first + n - 1} "
                     f"({type(exc).__name__}: {exc})"
                 ) from exc
-            return self._evaluate_rowwise_inf(X, first)
-        return self._apply_nonfinite_policy(values, n, first, X)
+            if fallback is not None:
+                return fallback()
+            values = np.full(n, math.inf)
+        return self._apply_nonfinite_policy(values, n, first, points)
+
+    def _evaluate_checked(self, X: Array, first: int) -> Array:
+        return self.guarded(
+            lambda: self._evaluate(X),
+            X.shape[0],
+            first,
+            X,
+            fallback=lambda: self._evaluate_rowwise_inf(X, first),
+        )
 
     def _evaluate_rowwise_inf(self, X: Array, first: int) -> Array:
         """Under ``on_error='inf'``: row by row, so one failing query doesn't poison the batch."""

@@ -1,63 +1,112 @@
-"""``zoopt train``: DeepZero / first-order / RGE training of image classifiers.
+"""``zoopt train``: DeepZero / first-order / RGE / CGE training of image classifiers.
 
-Kept free of torch imports at module level so ``zoopt --help`` stays fast; the command
-imports torch when it runs.
+The configuration is :class:`TrainOptions`, a frozen dataclass; argparse only maps flags to
+it (its defaults are the flags' defaults). Applications build their runs as
+``TrainOptions(batch_size=64, ...)``, so every setting they do not choose is the command's
+own default. Kept free of torch imports at module level so ``zoopt --help`` stays fast.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from dataclasses import dataclass
 from typing import Any
 
 DATASETS = ("digits", "cifar10")
 MODELS = ("cnn", "resnet20", "cnn8")
+METHODS = ("deepzero", "fo", "rge", "cge")
+OPTIMIZERS = ("sgd", "adam", "signsgd")
+LR_SCHEDULES = ("cosine", "constant")
+RATIOS = ("zo-grasp", "fo-grasp", "random", "uniform", "smart")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything ``zoopt train`` takes; see ``zoopt train --help`` for each field.
+
+    ``epochs`` / ``batch_size`` ``None``: 50 / 256 on cifar10, 20 / 64 on digits.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str = "cnn"
+    weights: str | None = None
+    explain: bool = False
+    width: int = 16
+    method: str = "deepzero"
+    optimizer: str = "sgd"
+    lr_schedule: str = "cosine"
+    sparsity: float = 0.9
+    ratios: str = "zo-grasp"
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    mu: float = 5e-3
+    rge_q: int = 192
+    grasp_q: int = 192
+    reshuffle_every: int = 5
+    max_steps: int | None = None
+    max_queries: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    workers: int | None = None
+    scheduler: str | None = None
+    out: str | None = None
+    resume: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("dataset", DATASETS),
+            ("method", METHODS),
+            ("optimizer", OPTIMIZERS),
+            ("lr_schedule", LR_SCHEDULES),
+            ("ratios", RATIOS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def epochs_or_default(self) -> int:
+        return self.epochs or (20 if self.dataset == "digits" else 50)
+
+    @property
+    def batch_size_or_default(self) -> int:
+        return self.batch_size or (64 if self.dataset == "digits" else 256)
+
+
+_D = TrainOptions()
 
 
 def add_train_parser(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train an image classifier with DeepZero (sparse CGE), FO SGD or RGE",
+        help="train an image classifier with DeepZero (sparse CGE), FO SGD, RGE or CGE",
         description="Train an image classifier with DeepZero (ZO-GraSP ratios, dynamic sparse "
-        "masks, sparse CGE with feature reuse), the first-order baseline or RGE. Writes "
+        "masks, sparse CGE with feature reuse), the first-order baseline, RGE or CGE. Writes "
         "DIR/summary.json, DIR/metrics.jsonl, DIR/curves.png and DIR/checkpoint.pt.",
     )
     _add_train_arguments(p)
     p.set_defaults(func=run_train)
 
 
-def train_args(**overrides: Any) -> argparse.Namespace:
-    """The arguments of ``zoopt train``: its defaults, then ``overrides`` (by attribute name,
-    e.g. ``batch_size=64``). Applications build their runs from this, so that every setting
-    they do not choose is the CLI's own default rather than a copy of it.
-
-    Raises:
-        TypeError: an override that ``zoopt train`` does not have.
-    """
-    parser = argparse.ArgumentParser(add_help=False)
-    _add_train_arguments(parser)
-    args = parser.parse_args(["--out", ""])
-    args.out = None
-    unknown = sorted(set(overrides) - set(vars(args)))
-    if unknown:
-        raise TypeError(f"zoopt train has no argument(s) {', '.join(unknown)}")
-    for name, value in overrides.items():
-        setattr(args, name, value)
-    return args
-
-
 def _add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=DATASETS, default="digits")
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 python batches folder (cifar10)")
+    p.add_argument("--dataset", choices=DATASETS, default=_D.dataset)
+    p.add_argument("--data-dir", default=_D.data_dir, help="CIFAR-10 python batches (cifar10)")
     p.add_argument(
         "--model",
-        default="cnn",
+        default=_D.model,
         help=f"one of {', '.join(MODELS)} (cnn = small CNN for digits), or your own model as "
         "path/to/file.py:factory (called with num_classes= if it takes it; see docs/your_model.md)",
     )
     p.add_argument(
         "--weights",
-        default=None,
+        default=_D.weights,
         help="initial weights: a state dict saved with torch.save (read with weights_only=True)",
     )
     p.add_argument(
@@ -65,95 +114,104 @@ def _add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print how the engine evaluates each parameter tensor's queries, then exit",
     )
-    p.add_argument("--width", type=int, default=16, help="width of cnn8")
-    p.add_argument("--method", choices=("deepzero", "fo", "rge", "cge"), default="deepzero")
-    p.add_argument("--sparsity", type=float, default=0.9, help="gradient sparsity (deepzero)")
+    p.add_argument("--width", type=int, default=_D.width, help="width of cnn8")
+    p.add_argument("--method", choices=METHODS, default=_D.method)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=_D.optimizer)
     p.add_argument(
-        "--ratios",
-        choices=("zo-grasp", "fo-grasp", "random", "uniform", "smart"),
-        default="zo-grasp",
-        help="layer-wise keep ratios (deepzero)",
+        "--lr-schedule",
+        choices=LR_SCHEDULES,
+        default=_D.lr_schedule,
+        help="cosine decay (with --warmup-epochs) or a constant learning rate",
     )
-    p.add_argument("--epochs", type=int, default=None, help="default: 50 (cifar10), 20 (digits)")
+    p.add_argument("--sparsity", type=float, default=_D.sparsity, help="gradient sparsity")
     p.add_argument(
-        "--batch-size", type=int, default=None, help="default: 256 (cifar10), 64 (digits)"
+        "--ratios", choices=RATIOS, default=_D.ratios, help="layer-wise keep ratios (deepzero)"
     )
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--mu", type=float, default=5e-3)
-    p.add_argument("--rge-q", type=int, default=192, help="directions per RGE step")
-    p.add_argument("--grasp-q", type=int, default=192, help="RGE directions of ZO-GraSP scoring")
-    p.add_argument("--reshuffle-every", type=int, default=5, help="epochs between new masks")
+    p.add_argument("--epochs", type=int, default=_D.epochs, help="default: 50 cifar10, 20 digits")
     p.add_argument(
-        "--max-steps", type=int, default=None, help="cap on steps per epoch (quick runs)"
+        "--batch-size", type=int, default=_D.batch_size, help="default: 256 cifar10, 64 digits"
     )
+    p.add_argument("--lr", type=float, default=_D.lr)
+    p.add_argument("--momentum", type=float, default=_D.momentum)
+    p.add_argument("--weight-decay", type=float, default=_D.weight_decay)
+    p.add_argument("--warmup-epochs", type=int, default=_D.warmup_epochs)
+    p.add_argument("--mu", type=float, default=_D.mu)
+    p.add_argument("--rge-q", type=int, default=_D.rge_q, help="directions per RGE step")
+    p.add_argument("--grasp-q", type=int, default=_D.grasp_q, help="RGE directions of ZO-GraSP")
     p.add_argument(
-        "--max-queries", type=int, default=None, help="stop (with checkpoint) at this budget"
+        "--reshuffle-every", type=int, default=_D.reshuffle_every, help="epochs between new masks"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--max-steps", type=int, default=_D.max_steps, help="cap on steps per epoch")
+    p.add_argument(
+        "--max-queries", type=int, default=_D.max_queries, help="stop (with checkpoint) at this"
+    )
+    p.add_argument("--seed", type=int, default=_D.seed)
+    p.add_argument("--device", default=_D.device, help="cpu or cuda")
     p.add_argument(
         "--workers",
         type=int,
-        default=None,
+        default=_D.workers,
         help="forward parallelization over N Dask worker processes (local cluster)",
     )
     p.add_argument(
-        "--scheduler", default=None, help="use an existing Dask cluster, e.g. tcp://host:8786"
+        "--scheduler", default=_D.scheduler, help="an existing Dask cluster, e.g. tcp://host:8786"
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
-def build_task(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def options_from_args(args: argparse.Namespace) -> TrainOptions:
+    """The parsed flags as :class:`TrainOptions` (the one place argparse meets the config)."""
+    names = {f.name for f in dataclasses.fields(TrainOptions)}
+    return TrainOptions(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_task(opts: TrainOptions) -> tuple[Any, dict[str, Any]]:
     """Data + model → a ClassificationTask (imports torch)."""
     import torch
 
     from . import data as zdata
     from .torch.tasks import ClassificationTask
 
-    torch.manual_seed(args.seed)
-    if args.dataset == "digits":
-        X_tr, y_tr, X_te, y_te = zdata.load_digits_split(seed=args.seed)
+    torch.manual_seed(opts.seed)
+    if opts.dataset == "digits":
+        X_tr, y_tr, X_te, y_te = zdata.load_digits_split(seed=opts.seed)
         augment = False
     else:
-        if args.data_dir is None:
+        if opts.data_dir is None:
             raise ValueError(
                 "--dataset cifar10 needs --data-dir (folder with the python pickle batches)"
             )
-        X_tr, y_tr, X_te, y_te = zdata.load_cifar10(args.data_dir)
+        X_tr, y_tr, X_te, y_te = zdata.load_cifar10(opts.data_dir)
         augment = True
     num_classes = int(y_tr.max()) + 1
-    model = _model_from_args(args, num_classes, X_tr)
-    default_batch = 64 if args.dataset == "digits" else 256
+    model = _model_from_options(opts, num_classes, X_tr)
     task = ClassificationTask(
         model,
         (X_tr, y_tr),
         (X_te, y_te),
-        batch_size=args.batch_size or default_batch,
+        batch_size=opts.batch_size_or_default,
         augment=augment,
-        device=args.device,
+        device=opts.device,
     )
     info = {
-        "dataset": args.dataset,
-        "model": args.model,
+        "dataset": opts.dataset,
+        "model": opts.model,
         "parameters": int(task.parameters_vector().numel()),
     }
     return task, info
 
 
-def _model_from_args(args: argparse.Namespace, num_classes: int, X_train: Any) -> Any:
+def _model_from_options(opts: TrainOptions, num_classes: int, X_train: Any) -> Any:
     """The built-in model by name, or the user's ``file.py:factory``; then ``--weights``."""
     import torch
 
     from .torch.models import build_model
     from .torch.user_model import build_user_model, is_model_spec, load_weights
 
-    if is_model_spec(args.model):
-        model = build_user_model(args.model, num_classes)
+    if is_model_spec(opts.model):
+        model = build_user_model(opts.model, num_classes)
         with torch.no_grad():
             was = model.training
             logits = model.eval()(torch.as_tensor(X_train[:2], dtype=torch.float32))
@@ -161,12 +219,12 @@ def _model_from_args(args: argparse.Namespace, num_classes: int, X_train: Any) -
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (2, num_classes):
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
             raise ValueError(
-                f"model {args.model!r} maps images {tuple(X_train.shape[1:])} to {shape}; "
+                f"model {opts.model!r} maps images {tuple(X_train.shape[1:])} to {shape}; "
                 f"expected logits (batch, {num_classes})"
             )
-    elif args.model in MODELS:
-        name = {"cnn": "smallcnn"}.get(args.model, args.model)
-        options = {"width": args.width} if name == "cnn8" else {}
+    elif opts.model in MODELS:
+        name = {"cnn": "smallcnn"}.get(opts.model, opts.model)
+        options = {"width": opts.width} if name == "cnn8" else {}
         model = build_model(
             name,
             num_classes=num_classes,
@@ -176,11 +234,11 @@ def _model_from_args(args: argparse.Namespace, num_classes: int, X_train: Any) -
         )
     else:
         raise ValueError(
-            f"unknown --model {args.model!r}; use one of {', '.join(MODELS)} or "
+            f"unknown --model {opts.model!r}; use one of {', '.join(MODELS)} or "
             "path/to/file.py:factory"
         )
-    if args.weights is not None:
-        load_weights(model, args.weights)
+    if opts.weights is not None:
+        load_weights(model, opts.weights)
     return model
 
 
@@ -194,54 +252,67 @@ def explain(task: Any) -> str:
     return oracle.explain()
 
 
-def config_from_args(args: argparse.Namespace) -> Any:
+def config_from_options(opts: TrainOptions) -> Any:
+    """The trainer's recipe (:class:`~zoopt.torch.train.TrainConfig`) from the options."""
     from .torch.train import TrainConfig
 
-    epochs = args.epochs or (20 if args.dataset == "digits" else 50)
     return TrainConfig(
-        method=args.method,
-        epochs=epochs,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        mu=args.mu,
-        sparsity=args.sparsity,
-        ratios=args.ratios,
-        rge_q=args.rge_q,
-        grasp_q=args.grasp_q,
-        reshuffle_every=args.reshuffle_every,
-        seed=args.seed,
-        max_steps_per_epoch=args.max_steps,
-        max_queries=args.max_queries,
-        progress=not args.no_progress,
+        method=opts.method,
+        epochs=opts.epochs_or_default,
+        optimizer=opts.optimizer,
+        lr_schedule=opts.lr_schedule,
+        lr=opts.lr,
+        momentum=opts.momentum,
+        weight_decay=opts.weight_decay,
+        warmup_epochs=opts.warmup_epochs,
+        mu=opts.mu,
+        sparsity=opts.sparsity,
+        ratios=opts.ratios,
+        rge_q=opts.rge_q,
+        grasp_q=opts.grasp_q,
+        reshuffle_every=opts.reshuffle_every,
+        seed=opts.seed,
+        max_steps_per_epoch=opts.max_steps,
+        max_queries=opts.max_queries,
+        progress=opts.progress,
     )
 
 
-def run_train(args: argparse.Namespace) -> int:
+def train(opts: TrainOptions) -> dict[str, Any]:
+    """Run ``zoopt train`` with ``opts``; returns the summary."""
     import contextlib
 
     from .torch.train import Trainer
 
-    config = config_from_args(args)
-    task, info = build_task(args)
-    if args.explain:
+    if opts.out is None:
+        raise ValueError("TrainOptions.out (the output folder) is required to train")
+    config = config_from_options(opts)
+    task, info = build_task(opts)
+    print(
+        f"zoopt train: {opts.method} on {opts.dataset} with {opts.model} "
+        f"({info['parameters']} parameters) -> {opts.out}"
+    )
+    scale: Any = contextlib.nullcontext(None)
+    if opts.workers is not None or opts.scheduler is not None:
+        from .parallel import parallel_oracle
+
+        scale = parallel_oracle(task.oracle, workers=opts.workers, scheduler=opts.scheduler)
+        info["workers"] = opts.workers
+    with scale as oracle:
+        # built inside: a resumed query count must land on the parallel oracle
+        trainer = Trainer(
+            task, config, opts.out, resume=opts.resume, extra_summary=info, oracle=oracle
+        )
+        return trainer.fit()
+
+
+def run_train(args: argparse.Namespace) -> int:
+    opts = options_from_args(args)
+    if opts.explain:
+        task, _ = build_task(opts)
         print(explain(task))
         return 0
-    print(
-        f"zoopt train: {args.method} on {args.dataset} with {args.model} "
-        f"({info['parameters']} parameters) -> {args.out}"
-    )
-    scale: Any = contextlib.nullcontext()
-    if args.workers is not None or args.scheduler is not None:
-        from .distributed import distributed_training
-
-        scale = distributed_training(task, workers=args.workers, scheduler=args.scheduler)
-        info["workers"] = args.workers
-    with scale:
-        # built inside: a resumed query count must land on the distributed oracle
-        trainer = Trainer(task, config, args.out, resume=args.resume, extra_summary=info)
-        summary = trainer.fit()
+    summary = train(opts)
     keys = ("method", "sparsity", "test_accuracy", "queries", "wall_seconds", "epochs_completed")
     print(json.dumps({k: summary.get(k) for k in keys}))
     return 0

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..oracle import DEFAULT_MAX_BATCH_BYTES, BaseOracle, OracleError
-from .engine import LossFn, SparseCGEEngine, as_coords, cast_for_loss
+from .._coords import check_coords
+from ..oracle import DEFAULT_MAX_BATCH_BYTES, BaseOracle
+from .engine import LossFn, SparseCGEEngine, cast_for_loss
 from .engine.graph import same_randomness
 from .params import ParamView, preserved_buffers
+from .replica import ModuleOracleFactory, load_module_state, module_state
 
 
 class ModuleOracle(BaseOracle):
@@ -92,6 +94,8 @@ class ModuleOracle(BaseOracle):
         self.grad_evaluations = 0
         if inputs is not None or targets is not None:
             self.set_batch(inputs, targets)
+
+    _what = "model"
 
     def __repr__(self) -> str:
         return (
@@ -179,22 +183,17 @@ class ModuleOracle(BaseOracle):
         x = self.view.check_flat(x, "x")
         inputs, targets = self._batch()
         first = self._charge(1)
-        try:
+
+        def forward() -> torch.Tensor:
             with self._same_randomness():
                 if self.engine is not None:
                     value = self.engine.base_forward(x, inputs, targets, update_stats=True)
                 else:
                     with torch.no_grad(), self.view.loaded(x):
                         value = float(self._loss(self.module(inputs), targets))
-        except Exception as exc:
-            if self.on_error == "raise":
-                raise OracleError(
-                    f"the model raised on query {first} ({type(exc).__name__}: {exc})"
-                ) from exc
-            value = float("inf")
-        values = self._apply_nonfinite_policy(
-            torch.tensor([value], dtype=self.values_dtype, device=x.device), 1, first, x[None]
-        )
+            return torch.tensor([value], dtype=self.values_dtype, device=x.device)
+
+        values = self.guarded(forward, 1, first, x[None])
         self._track_best(values, lambda i: x)
         return float(values[0])
 
@@ -213,14 +212,8 @@ class ModuleOracle(BaseOracle):
         with self.view.loaded(x), stats, torch.enable_grad(), self._same_randomness():
             loss = self._loss(self.module(inputs), targets)
             grads = torch.autograd.grad(loss, self.view.params, allow_unused=True)
-        flat = torch.cat(
-            [
-                (torch.zeros_like(p) if g is None else g).reshape(-1)
-                for p, g in zip(self.view.params, grads, strict=True)
-            ]
-        )
         self.grad_evaluations += 1
-        return float(loss.detach()), flat.detach()
+        return float(loss.detach()), self.view.flat_grad(grads)
 
     def eval_coordinate_steps(self, x: Any, coords: Any, step: float) -> Any:
         """``f(x + step * e_c)`` for each ``c`` in ``coords`` → ``(k,)``; costs ``k`` queries.
@@ -233,27 +226,27 @@ class ModuleOracle(BaseOracle):
         self._check_point(x)
         as_numpy = isinstance(x, np.ndarray)
         xt = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
-        coords_np = as_coords(coords, self.dim)
+        coords_np = check_coords(coords, self.dim)
         k = int(coords_np.shape[0])
         inputs, targets = self._batch()
         first = self._charge(k)
-        try:
+
+        def queries() -> torch.Tensor:
             with self._same_randomness():
-                values = self.engine.coordinate_values(xt, coords_np, step, inputs, targets)
-        except Exception as exc:
-            if self.on_error == "raise":
-                raise OracleError(
-                    f"the model raised on queries {first}..{first + k - 1} "
-                    f"({type(exc).__name__}: {exc})"
-                ) from exc
-            values = self._coordinate_values_rowwise(xt, coords_np, step)
+                return self.engine.coordinate_values(xt, coords_np, step, inputs, targets)
 
         def point(i: int) -> torch.Tensor:
             p = xt.clone()
             p[int(coords_np[i])] += step
             return p
 
-        values = self._apply_nonfinite_policy(values, k, first, xt[None])
+        values = self.guarded(
+            queries,
+            k,
+            first,
+            xt[None],
+            fallback=lambda: self._coordinate_values_rowwise(xt, coords_np, step),
+        )
         self._track_best(values, point)
         return values.cpu().numpy() if as_numpy else values
 
@@ -270,6 +263,32 @@ class ModuleOracle(BaseOracle):
             except Exception:
                 out[i] = float("inf")
         return out
+
+    # -- replication (zoopt.parallel.ReplicableOracle) ---------------------------------------
+    def replica_factory(self) -> ModuleOracleFactory:
+        """A picklable recipe for a replica of this oracle as it is now (see
+        :class:`~zoopt.torch.replica.ModuleOracleFactory`)."""
+        return ModuleOracleFactory.from_oracle(self)
+
+    def model_state(self) -> dict[str, np.ndarray]:
+        """The module's buffers (BatchNorm running statistics) as host numpy copies by name."""
+        return module_state(self.module)
+
+    def load_model_state(self, state: dict[str, np.ndarray]) -> None:
+        """Copy ``state`` (from :meth:`model_state`) into the module's buffers."""
+        load_module_state(self.module, state)
+
+    def cost_groups(self) -> list[tuple[int, int]]:
+        """Each parameter tensor's index range: its coordinates cost alike per query."""
+        return [(g.start, g.stop) for g in self.view.groups]
+
+    def cost_clock(self) -> Literal["cpu", "wall"]:
+        """``"cpu"`` on CPU (the work is this process's), ``"wall"`` on a GPU."""
+        return "cpu" if self.view.device.type == "cpu" else "wall"
+
+    def use_threads(self, n: int) -> None:
+        """Compute with ``n`` torch threads (torch's setting is per process)."""
+        torch.set_num_threads(int(n))
 
 
 def _content_seed(*tensors: torch.Tensor) -> int:

@@ -127,6 +127,18 @@ class ParamView:
         finally:
             self.assign(saved)
 
+    def flat_grad(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """Per-parameter gradients (as ``torch.autograd.grad(..., self.params,
+        allow_unused=True)`` returns them; ``None``: unused) as one ``(dim,)`` tensor."""
+        if len(grads) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} gradients, got {len(grads)}")
+        return torch.cat(
+            [
+                (torch.zeros_like(p) if g is None else g).reshape(-1)
+                for p, g in zip(self.params, grads, strict=True)
+            ]
+        ).detach()
+
     def group_index(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
         """For each flat index, the position of its group in ``groups`` (vectorized)."""
         idx = np.asarray(indices)

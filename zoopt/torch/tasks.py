@@ -8,6 +8,7 @@ engine (feature reuse, per-query BatchNorm statistics) serves every ZO query.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -15,7 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import data as zdata
+from ..oracle import TrainableOracle
 from .oracle import ModuleOracle
+from .params import ParamView
 
 
 def _to_tensor(
@@ -24,14 +27,23 @@ def _to_tensor(
     return torch.as_tensor(a, device=device, dtype=dtype)
 
 
+@runtime_checkable
+class ModuleParamOracle(TrainableOracle, Protocol):
+    """A trainable oracle over a module's parameters, seen through a
+    :class:`~zoopt.torch.ParamView` (``view``): the module oracle, and the experiments' own
+    oracles over a network (``applications/defense``, ``applications/sol``)."""
+
+    view: ParamView
+
+
 class ModuleTaskMixin:
     """The parameter and buffer plumbing every task over an ``nn.Module`` shares.
 
-    Needs ``self.oracle`` (with ``.view``, a :class:`~zoopt.torch.ParamView`) and
-    ``self.model`` (whose buffers, e.g. BatchNorm running statistics, go into checkpoints).
+    Needs ``self.oracle`` (a :class:`ModuleParamOracle`) and ``self.model`` (whose buffers,
+    e.g. BatchNorm running statistics, go into checkpoints).
     """
 
-    oracle: ModuleOracle
+    oracle: ModuleParamOracle
     model: nn.Module
 
     def parameters_vector(self) -> torch.Tensor:

@@ -1,18 +1,19 @@
-"""The one training loop: DeepZero (sparse CGE), first-order SGD and RGE baselines.
+"""The one training loop: DeepZero (sparse CGE), first-order and RGE/CGE baselines, and any
+gradient source and optimizer of the core.
 
-Every application trains through :class:`Trainer`. What is trained is described by a
-:class:`Task` (the parameters, the oracle over them, the data and the evaluation); the
-trainer owns the method, the optimizer, the schedule, sparsity, checkpoints, metrics,
-progress and plots.
+Every application trains through :class:`Trainer`. What is trained is a :class:`Task` (the
+parameters, the oracle over them, the data and the evaluation); how is a
+:class:`~zoopt.step.GradientSource` and an :class:`~zoopt.optim.Optimizer` (built from the
+:class:`TrainConfig`, or given); everything around the loop (checkpoints, metrics, the
+summary, plots, progress, the query budget) is a :mod:`callback <zoopt.torch.callbacks>`.
 
 Per step (``method="deepzero"``):
 
-1. ``oracle.set_batch(batch)``; ``fx = oracle.base_value(x)`` — the one unperturbed forward,
-   which also updates BatchNorm running statistics;
-2. ``coords = mask.coords()`` — per-layer random coordinates with the ZO-GraSP keep ratios;
-3. ``grad = CGE(mu).estimate(oracle, x, fx=fx, coords=coords).grad`` — sparse gradient;
-4. ``x = SGD(momentum, weight_decay).step(x, grad)`` — dense model: every weight keeps
-   momentum and weight decay.
+1. ``oracle.set_batch(*batch)``; ``fx = oracle.base_value(x)`` — the one unperturbed
+   forward, which also updates BatchNorm running statistics;
+2. ``x, est = step(ZO(CGE(mu), coords=mask), optimizer, oracle, x, fx=fx)`` — sparse CGE on
+   per-layer random coordinates with the ZO-GraSP keep ratios, then SGD with momentum and
+   weight decay on the dense model (:func:`zoopt.step.step`, the one step of the library).
 
 Checkpoints (``DIR/checkpoint.pt``) are written at the end of every epoch, every
 ``checkpoint_every`` steps, after ZO-GraSP scoring (and half-way through it), on Ctrl-C, on
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import signal
@@ -46,11 +46,16 @@ import torch
 
 from .. import sparsity as sp
 from ..estimators import CGE, RGE
-from ..optim import SGD
-from ..oracle import BudgetExceeded
-from ..schedules import Cosine
+from ..optim import Optimizer, make_optimizer
+from ..oracle import BudgetExceeded, TrainableOracle
+from ..schedules import Constant, Cosine, Schedule
+from ..step import ZO, Autograd, GradientSource, step
+from .callbacks import Callback, Checkpoint, default_callbacks, tensors
 
-METHODS = ("deepzero", "fo", "rge", "cge")
+#: "custom": the caller passes the gradient source (e.g. ZO-AE-DS in applications/defense)
+METHODS = ("deepzero", "fo", "rge", "cge", "custom")
+OPTIMIZERS = ("sgd", "adam", "signsgd")
+LR_SCHEDULES = ("cosine", "constant")
 RATIO_METHODS = ("zo-grasp", "fo-grasp", "random", "uniform", "smart")
 
 
@@ -58,13 +63,13 @@ class Task(Protocol):
     """What the trainer needs to know about the thing being trained.
 
     Attributes:
-        oracle: a :class:`~zoopt.BaseOracle` over the flat parameter vector with
-            ``set_batch(*batch)``, ``base_value(x) -> float`` and, for first-order methods,
-            ``loss_and_grad(x) -> (float, grad)``.
+        oracle: a :class:`~zoopt.oracle.TrainableOracle` over the flat parameter vector
+            (``set_batch(*batch)``, ``base_value(x) -> float``); for first-order methods
+            also a :class:`~zoopt.oracle.DifferentiableOracle` (``loss_and_grad``).
         groups: the parameter groups (``name``, ``start``, ``stop``, ``kind``).
     """
 
-    oracle: Any
+    oracle: TrainableOracle
     groups: list[Any]
     batch_size: int
 
@@ -89,13 +94,19 @@ class Task(Protocol):
 class TrainConfig:
     """Training recipe. Defaults follow the paper's ResNet-20/CIFAR-10 recipe.
 
-    ``reshuffle_every`` counts epochs (the sparse mask is redrawn every that many epochs);
-    ``max_steps_per_epoch`` truncates epochs for quick runs; ``max_queries`` stops training
-    (with a checkpoint) before a step would exceed the budget.
+    ``method`` picks the gradient source (``deepzero``: sparse CGE on a ZO-GraSP mask;
+    ``cge``/``rge``: dense ZO estimates; ``fo``: autograd; ``custom``: given to the
+    :class:`Trainer`); ``optimizer`` (``sgd``, ``adam``, ``signsgd``) and ``lr_schedule``
+    (``cosine`` with optional warmup, or ``constant``) the update. ``reshuffle_every`` counts
+    epochs (the sparse mask is redrawn every that many epochs); ``max_steps_per_epoch``
+    truncates epochs for quick runs; ``max_queries`` stops training (with a checkpoint)
+    before a step would exceed the budget.
     """
 
     method: str = "deepzero"
     epochs: int = 50
+    optimizer: str = "sgd"
+    lr_schedule: str = "cosine"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -120,6 +131,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.ratios not in RATIO_METHODS:
             raise ValueError(f"ratios must be one of {RATIO_METHODS}, got {self.ratios!r}")
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -160,62 +175,111 @@ class TrainState:
 
 
 class Trainer:
-    """Train ``task`` with ``config``, writing checkpoints, metrics and plots into ``out_dir``.
+    """Train ``task`` with ``config``; the loop is set_batch → base value → step.
 
     Args:
         task: see :class:`Task`.
         config: the recipe.
-        out_dir: output folder (created). Files: ``checkpoint.pt``, ``metrics.jsonl``
-            (one JSON object per epoch), ``summary.json``, ``curves.png``.
-        resume: continue from ``out_dir/checkpoint.pt`` if it exists.
-        extra_summary: merged into ``summary.json`` (e.g. dataset and model names).
+        out_dir: output folder for the default callbacks (``checkpoint.pt``,
+            ``metrics.jsonl``, ``summary.json``, ``curves.png``); not needed when
+            ``callbacks`` are given.
+        resume: continue from the :class:`~zoopt.torch.callbacks.Checkpoint` callback's file
+            if it exists (bit-exact; settings that shape the trajectory must match).
+        extra_summary: merged into the summary (e.g. dataset and model names).
+        callbacks: replace :func:`~zoopt.torch.callbacks.default_callbacks`.
+        source: the gradient source (default: from ``config.method``; required for
+            ``method="custom"``).
+        optimizer: the update rule (default: ``config.optimizer`` with the learning-rate
+            schedule of ``config``).
+        oracle: the oracle to query (default ``task.oracle``; e.g. a parallel oracle over
+            it, see :mod:`zoopt.parallel`).
     """
 
     def __init__(
         self,
         task: Task,
         config: TrainConfig,
-        out_dir: str | os.PathLike,
+        out_dir: str | os.PathLike | None = None,
         *,
         resume: bool = False,
         extra_summary: dict[str, Any] | None = None,
+        callbacks: list[Callback] | None = None,
+        source: GradientSource | None = None,
+        optimizer: Optimizer | None = None,
+        oracle: TrainableOracle | None = None,
     ):
         self.task = task
         self.config = config
-        self.out = Path(out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpt_path = self.out / "checkpoint.pt"
+        self.oracle = task.oracle if oracle is None else oracle
         self.extra_summary = dict(extra_summary or {})
+        if callbacks is None:
+            if out_dir is None:
+                raise ValueError("out_dir is required unless callbacks are given")
+            callbacks = default_callbacks(config, out_dir, self.extra_summary)
+        self.callbacks = list(callbacks)
+        self.out = None if out_dir is None else Path(out_dir)
         self.steps_per_epoch = task.steps_per_epoch()
         if config.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
-        total = max(1, config.epochs * self.steps_per_epoch)
-        lr = Cosine(
-            base=config.lr,
-            total=total,
-            warmup=min(config.warmup_epochs * self.steps_per_epoch, total - 1),
-            final=config.final_lr,
-        )
-        self.optimizer = SGD(
-            lr=lr,
-            momentum=config.momentum,
-            nesterov=config.nesterov,
-            weight_decay=config.weight_decay,
-        )
+        self.optimizer = optimizer if optimizer is not None else self._default_optimizer()
+        if source is None and config.method == "custom":
+            raise ValueError("method='custom' needs a gradient source: Trainer(..., source=...)")
+        self.source = source if source is not None else self._default_source()
         self.estimator_rng = np.random.default_rng([config.seed, 1])
         self.state = TrainState()
-        self._t_start: float | None = None
-        self._bar: Any = None
         self.mask: sp.DynamicMask | None = None
         self.x = task.parameters_vector()
-        if resume and self.ckpt_path.exists():
-            self._load_checkpoint()
-        elif resume:
-            print(f"zoopt train: no checkpoint in {self.out}; starting from scratch")
+        self._t_start: float | None = None
+        self._t_epoch = time.perf_counter()
+        if resume:
+            checkpoints = [c for c in self.callbacks if isinstance(c, Checkpoint)]
+            if not checkpoints:
+                raise ValueError("resume=True needs a Checkpoint callback")
+            checkpoints[0].restore(self)
+
+    # -- how: source and optimizer --------------------------------------------------
+    def _lr_schedule(self) -> Schedule:
+        cfg = self.config
+        if cfg.lr_schedule == "constant":
+            return Constant(cfg.lr)
+        total = max(1, cfg.epochs * self.steps_per_epoch)
+        return Cosine(
+            base=cfg.lr,
+            total=total,
+            warmup=min(cfg.warmup_epochs * self.steps_per_epoch, total - 1),
+            final=cfg.final_lr,
+        )
+
+    def _default_optimizer(self) -> Optimizer:
+        cfg = self.config
+        options: dict[str, Any] = {"weight_decay": cfg.weight_decay}
+        if cfg.optimizer == "sgd":
+            options.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+        elif cfg.optimizer == "signsgd":
+            options.update(momentum=cfg.momentum)
+        return make_optimizer(cfg.optimizer, self._lr_schedule(), **options)
+
+    def _default_source(self) -> GradientSource:
+        cfg = self.config
+        if cfg.method == "fo":
+            return Autograd()
+        if cfg.method == "rge":
+            return ZO(RGE(q=cfg.rge_q, mu=cfg.mu))
+        estimator = CGE(mu=cfg.mu, scheme=cfg.scheme)
+        if cfg.method == "deepzero":
+            return ZO(estimator, coords=lambda iteration: self.mask.coords())
+        return ZO(estimator)
+
+    def queries_next_step(self) -> int:
+        """Queries the next step will spend (base value included)."""
+        base = 1 if self.source.wants_base_value else 0
+        return base + self.source.queries_per_step(
+            int(self.x.shape[0]), fx_known=bool(base), iteration=self.state.global_step
+        )
 
     # -- sparsity -------------------------------------------------------------------
     def _compute_keep_ratios(self) -> dict[str, float]:
-        cfg, task = self.config, self.task
+        cfg, task, oracle = self.config, self.task, self.oracle
         groups = task.groups
         if cfg.ratios == "uniform":
             return sp.uniform_ratios(groups, cfg.sparsity)
@@ -229,20 +293,20 @@ class Trainer:
         rng = np.random.default_rng([cfg.seed, 2])
         if cfg.ratios == "random":
             return sp.random_ratios(groups, cfg.sparsity, rng)
-        task.oracle.set_batch(*task.scoring_batch(rng))
+        oracle.set_batch(*task.scoring_batch(rng))
         if cfg.ratios == "fo-grasp":
             scores = sp.fo_grasp_scores(
-                lambda v: task.oracle.loss_and_grad(v)[1], self.x, mu=cfg.grasp_mu
+                lambda v: oracle.loss_and_grad(v)[1], self.x, mu=cfg.grasp_mu
             )
         else:
             # resumable: the first half's estimate is kept in the state (and checkpoint)
             progress = self.state.grasp
             done_before = int(progress.get("queries", 0))
-            before = task.oracle.queries
+            before = oracle.queries
             scores = sp.zo_grasp_scores(
-                task.oracle, self.x, q=cfg.grasp_q, mu=cfg.grasp_mu, rng=rng, progress=progress
+                oracle, self.x, q=cfg.grasp_q, mu=cfg.grasp_mu, rng=rng, progress=progress
             )
-            spent_now = task.oracle.queries - before
+            spent_now = oracle.queries - before
             self.state.queries += spent_now + (done_before if "g0" in progress else 0)
             self.state.grasp = {}
         return sp.keep_ratios_from_scores(scores, groups, cfg.sparsity)
@@ -262,89 +326,71 @@ class Trainer:
     # -- one step -------------------------------------------------------------------
     def _step(self, batch: tuple) -> tuple[float, int]:
         """One update on ``batch``; returns (loss at x before the update, queries spent)."""
-        cfg, oracle = self.config, self.task.oracle
+        oracle = self.oracle
         oracle.set_batch(*batch)
         before = oracle.queries
-        if cfg.method == "fo":
-            loss, grad = oracle.loss_and_grad(self.x)
-        else:
-            loss = oracle.base_value(self.x)
-            if cfg.method == "rge":
-                est = RGE(q=cfg.rge_q, mu=cfg.mu).estimate(
-                    oracle, self.x, fx=loss, rng=self.estimator_rng
-                )
-            else:
-                coords = self.mask.coords() if cfg.method == "deepzero" else None
-                est = CGE(mu=cfg.mu, scheme=cfg.scheme).estimate(
-                    oracle, self.x, fx=loss, coords=coords
-                )
-            grad = est.grad
-        x_new = self.optimizer.step(self.x, grad)
+        fx = oracle.base_value(self.x) if self.source.wants_base_value else None
+        x_new, est = step(
+            self.source,
+            self.optimizer,
+            oracle,
+            self.x,
+            fx=fx,
+            rng=self.estimator_rng,
+            iteration=self.state.global_step,
+        )
         _assert_finite(x_new, "the parameters")
         self.x = x_new
         self.task.load_vector(self.x)
+        loss = est.fx if fx is None else fx
         return float(loss), oracle.queries - before
 
     # -- the loop -------------------------------------------------------------------
+    def _emit(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
     def fit(self) -> dict[str, Any]:
-        """Train until ``config.epochs``; returns the summary (also in ``summary.json``)."""
-        try:  # the first statement: a Ctrl-C anywhere in training leaves a checkpoint
+        """Train until ``config.epochs``; returns the summary."""
+        try:  # the first statement: a Ctrl-C anywhere in training is handled below
             return self._fit()
-        except (KeyboardInterrupt, BudgetExceeded) as exc:
-            self._close_after_stop()
-            why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "query budget exhausted"
-            print(
-                f"\nzoopt train: {why}; checkpoint saved to {self.ckpt_path} (resume with --resume)"
-            )
-            if isinstance(exc, KeyboardInterrupt):
-                raise
-            return self._summary(stopped=why)
+        except KeyboardInterrupt:
+            self._stop("interrupted")
+            raise
+        except BudgetExceeded:
+            self._stop("query budget exhausted")
+            return self.summary(stopped="query budget exhausted")
         except BaseException:
-            self._close_after_stop()
+            self._stop("error")
             raise
 
-    def _close_after_stop(self) -> None:
+    def _stop(self, why: str | None) -> None:
         if self._t_start is not None:
             self.state.wall_seconds = time.perf_counter() - self._t_start
-        self._save_checkpoint()
-        if self._bar is not None:
-            self._bar.close()
+        self._emit("on_stop", why)
 
     def _fit(self) -> dict[str, Any]:
         cfg, st = self.config, self.state
-        self._t_start = t_start = time.perf_counter() - st.wall_seconds
+        self._t_start = time.perf_counter() - st.wall_seconds
         if st.epoch >= cfg.epochs:
             st.finished = True
-            return self._summary()
+            self._emit("on_stop", None)
+            return self.summary()
         st.finished = False  # e.g. resumed with a larger --epochs
         if self.mask is None and cfg.method == "deepzero":
             self._ensure_mask()  # ZO-GraSP scoring counts towards wall time and queries
-            st.wall_seconds = time.perf_counter() - t_start
-            self._save_checkpoint()  # the scores are paid for: keep them
-        self._bar = self._progress_bar()
+            st.wall_seconds = time.perf_counter() - self._t_start
+            self._emit("on_checkpoint")  # the scores are paid for: keep them
+        self._emit("on_start")
         while st.epoch < cfg.epochs:
-            self._run_epoch(self._bar, t_start)
+            self._run_epoch()
         st.finished = True
-        if self._bar is not None:
-            self._bar.close()
-        st.wall_seconds = time.perf_counter() - t_start
-        self._save_checkpoint()
-        return self._summary()
+        self._stop(None)
+        return self.summary()
 
-    def _progress_bar(self) -> Any:
-        if not self.config.progress:
-            return None
-        from tqdm.auto import tqdm
-
-        total = self.config.epochs * self.steps_per_epoch
-        done = self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch
-        return tqdm(
-            total=total,
-            initial=done,
-            desc=f"train[{self.config.method}]",
-            unit="step",
-            mininterval=1.0,
-        )
+    def epoch_elapsed(self) -> float:
+        """Seconds since the current epoch started (for progress displays)."""
+        return time.perf_counter() - self._t_epoch
 
     def _epoch_batches(self, epoch: int) -> Iterable[tuple]:
         rng = np.random.default_rng([self.config.seed, 3, epoch])
@@ -353,16 +399,13 @@ class Trainer:
                 return
             yield batch
 
-    def _run_epoch(self, bar: Any, t_start: float) -> None:
-        cfg, st = self.config, self.state
-        t_epoch = time.perf_counter()
+    def _run_epoch(self) -> None:
+        st = self.state
+        self._t_epoch = time.perf_counter()
         for i, batch in enumerate(self._epoch_batches(st.epoch)):
             if i < st.step_in_epoch:
                 continue  # resuming mid-epoch: the same batches, already used
-            if cfg.max_queries is not None and self.mask is not None:
-                need = self.mask.coords().size + 1
-                if st.queries + need > cfg.max_queries:
-                    raise BudgetExceeded(st.queries, cfg.max_queries, None, math.nan)
+            self._emit("before_step")
             before = self._snapshot()
             try:
                 loss, q = self._step(batch)
@@ -376,43 +419,30 @@ class Trainer:
                 with deferred_interrupt():
                     self._restore(before)  # the checkpoint stays at a step boundary
                 raise
-            if bar is not None:
-                elapsed = time.perf_counter() - t_epoch
-                last = st.history[-1] if st.history else {}
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{loss:.4f}",
-                    acc=f"{last.get('test_accuracy', float('nan')):.4f}",
-                    qps=f"{st.epoch_queries / max(elapsed, 1e-9):.0f}",
-                    refresh=False,
-                )
-            if cfg.checkpoint_every and st.global_step % cfg.checkpoint_every == 0:
-                st.wall_seconds = time.perf_counter() - t_start
-                self._save_checkpoint()
+            self._emit("on_step", loss, q)
         metrics = self.task.evaluate()
+        assert self._t_start is not None
         row = {
             "epoch": st.epoch + 1,
             "train_loss": float(np.mean(st.epoch_losses)) if st.epoch_losses else math.nan,
             "queries": st.queries,
-            "epoch_seconds": time.perf_counter() - t_epoch,
-            "wall_seconds": time.perf_counter() - t_start,
+            "epoch_seconds": time.perf_counter() - self._t_epoch,
+            "wall_seconds": time.perf_counter() - self._t_start,
             "lr": self.optimizer.current_lr(),
             **metrics,
         }
         with deferred_interrupt():
             st.history.append(row)
-            with open(self.out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+            self._emit("on_epoch", row)
             st.epoch += 1
             st.step_in_epoch = 0
             st.epoch_losses = []
             st.epoch_queries = 0
             if self.mask is not None:
                 self.mask.advance()
-        st.wall_seconds = time.perf_counter() - t_start
-        self._save_checkpoint()
-        if cfg.plots:
-            self._plot()
+        st.wall_seconds = time.perf_counter() - self._t_start
+        self._emit("on_checkpoint")
+        self._emit("after_epoch", row)
 
     def _snapshot(self) -> dict[str, Any]:
         """Everything a step changes, to undo it (on the device, no host copies of x)."""
@@ -435,57 +465,36 @@ class Trainer:
         for key, value in snap["state"].items():
             setattr(self.state, key, value)
 
-    # -- checkpoints ----------------------------------------------------------------
-    def _save_checkpoint(self) -> None:
-        """Write ``checkpoint.pt`` atomically (a crash mid-write keeps the old one). Only
-        tensors, numbers, strings, lists and dicts: it loads with ``weights_only=True``."""
+    # -- state in and out (checkpoints) ----------------------------------------------
+    def state_payload(self) -> dict[str, Any]:
+        """Everything to continue exactly, as tensors, numbers, strings, lists and dicts."""
         state = asdict(self.state)
+        if self._t_start is not None:
+            state["wall_seconds"] = time.perf_counter() - self._t_start
         if "g0" in state["grasp"]:
             state["grasp"] = {**state["grasp"], "g0": torch.as_tensor(state["grasp"]["g0"])}
-        payload = {
-            "format": CHECKPOINT_FORMAT,
+        return {
             "config": asdict(self.config),
             "batch_size": int(self.task.batch_size),
             "state": state,
             "x": self.x.detach().cpu(),
             "buffers": {k: v.detach().cpu() for k, v in self.task.buffers_state().items()},
-            "optimizer": _tensors(self.optimizer.state_dict()),
+            "optimizer": tensors(self.optimizer.state_dict()),
             "estimator_rng": self.estimator_rng.bit_generator.state,
             "mask": None if self.mask is None else self.mask.state_dict(),
-            "oracle_queries": self.task.oracle.queries,
+            "oracle_queries": self.oracle.queries,
         }
-        tmp = self.ckpt_path.with_suffix(".tmp")
-        with deferred_interrupt():
-            torch.save(payload, tmp)
-            os.replace(tmp, self.ckpt_path)
 
-    def _read_checkpoint(self) -> dict[str, Any]:
-        """The checkpoint's payload, or ``ValueError`` naming the file and what is wrong."""
-        path = self.ckpt_path
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise ValueError(
-                f"cannot read checkpoint {path} ({type(exc).__name__}: {detail[:300]})"
-            ) from exc
-        needed = {"config", "state", "x", "buffers", "optimizer", "estimator_rng", "mask"}
-        if not isinstance(payload, dict) or needed - set(payload):
-            missing = sorted(needed - set(payload)) if isinstance(payload, dict) else "all"
-            raise ValueError(
-                f"cannot read checkpoint {path} (not a zoopt checkpoint: missing {missing})"
-            )
-        return payload
-
-    def _load_checkpoint(self) -> None:
-        payload = self._read_checkpoint()
+    def load_payload(self, payload: dict[str, Any], source: str = "checkpoint") -> None:
+        """Continue from :meth:`state_payload`'s output (``ValueError`` naming ``source`` if
+        its recipe differs where it must not, or it does not fit)."""
         saved = dict(payload["config"])
         saved["batch_size"] = payload.get("batch_size")
         mine = {**asdict(self.config), "batch_size": int(self.task.batch_size)}
         for key in _RESUME_MUST_MATCH:
-            if saved.get(key) != mine[key]:
+            if saved.get(key, _DEFAULTS.get(key)) != mine[key]:
                 raise ValueError(
-                    f"checkpoint {self.ckpt_path} was written with {key}={saved.get(key)!r}, "
+                    f"checkpoint {source} was written with {key}={saved.get(key)!r}, "
                     f"but this run has {key}={mine[key]!r}; resume with the same setting, or "
                     "start a new run in another folder"
                 )
@@ -501,32 +510,24 @@ class Trainer:
             self.estimator_rng.bit_generator.state = payload["estimator_rng"]
             if payload["mask"] is not None:
                 self._ensure_mask()
+                assert self.mask is not None
                 self.mask.load_state_dict(payload["mask"])
-            self.task.oracle.queries = int(payload["oracle_queries"])
+            self.oracle.queries = int(payload["oracle_queries"])
         except (TypeError, ValueError, KeyError, RuntimeError) as exc:
-            raise ValueError(f"cannot resume from checkpoint {self.ckpt_path}: {exc}") from exc
-        # metrics.jsonl is rewritten from the checkpoint's history: a row written just before
-        # an interrupt, for an epoch the checkpoint does not count, would otherwise repeat
-        rows = "".join(json.dumps(row) + "\n" for row in self.state.history)
-        tmp = self.out / "metrics.jsonl.tmp"
-        tmp.write_text(rows)
-        os.replace(tmp, self.out / "metrics.jsonl")
-        print(
-            f"zoopt train: resumed from {self.ckpt_path} at epoch {self.state.epoch}, "
-            f"step {self.state.step_in_epoch}"
-        )
+            raise ValueError(f"cannot resume from checkpoint {source}: {exc}") from exc
 
     # -- outputs --------------------------------------------------------------------
-    def _summary(self, stopped: str | None = None) -> dict[str, Any]:
+    def summary(self, stopped: str | None = None) -> dict[str, Any]:
+        """The run's outcome: method, progress, queries, the last test metrics, the recipe."""
         st, cfg = self.state, self.config
         last = st.history[-1] if st.history else {}
-        summary = {
+        return {
             "method": cfg.method,
             "sparsity": cfg.sparsity if cfg.method == "deepzero" else 0.0,
             "epochs_completed": st.epoch,
             "steps": st.global_step,
             "queries": st.queries,
-            "queries_spent": int(self.task.oracle.queries),
+            "queries_spent": int(self.oracle.queries),
             "wall_seconds": st.wall_seconds,
             "finished": st.finished,
             "stopped": stopped,
@@ -535,33 +536,6 @@ class Trainer:
             "keep_ratios": st.keep_ratios,
             **self.extra_summary,
         }
-        with open(self.out / "summary.json", "w") as fh:
-            json.dump(summary, fh, indent=2)
-        return summary
-
-    def _plot(self) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        hist = self.state.history
-        epochs = [h["epoch"] for h in hist]
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-        axes[0].plot(epochs, [h["train_loss"] for h in hist], marker="o", label="train loss")
-        if "test_loss" in hist[-1]:
-            axes[0].plot(epochs, [h["test_loss"] for h in hist], marker="s", label="test loss")
-        axes[0].set_xlabel("epoch")
-        axes[0].legend()
-        metric = next((k for k in hist[-1] if k.startswith("test_") and k != "test_loss"), None)
-        if metric is not None:
-            axes[1].plot(epochs, [h[metric] for h in hist], marker="o", color="C2")
-            axes[1].set_ylabel(metric)
-        axes[1].set_xlabel("epoch")
-        fig.suptitle(f"{self.config.method} (sparsity {self.config.sparsity:g})")
-        fig.tight_layout()
-        fig.savefig(self.out / "curves.png", dpi=100)
-        plt.close(fig)
 
 
 def _assert_finite(x: torch.Tensor, what: str) -> None:
@@ -572,20 +546,15 @@ def _assert_finite(x: torch.Tensor, what: str) -> None:
 #: Settings a resumed run must share with the checkpoint (they shape the trajectory);
 #: ``epochs`` may grow (the run continues), budgets and outputs may change.
 _RESUME_MUST_MATCH = (
-    "method", "sparsity", "seed", "ratios", "mu", "scheme", "lr", "momentum", "nesterov",
-    "weight_decay", "warmup_epochs", "final_lr", "grasp_q", "grasp_mu", "reshuffle_every",
-    "rge_q", "max_steps_per_epoch", "batch_size",
+    "method", "sparsity", "seed", "ratios", "mu", "scheme", "optimizer", "lr_schedule", "lr",
+    "momentum", "nesterov", "weight_decay", "warmup_epochs", "final_lr", "grasp_q", "grasp_mu",
+    "reshuffle_every", "rge_q", "max_steps_per_epoch", "batch_size",
 )  # fmt: skip
+#: what an older checkpoint without a field was written with
+_DEFAULTS = {"optimizer": "sgd", "lr_schedule": "cosine"}
 
 #: TrainState fields one step changes (undone when the step does not complete).
 _STEP_FIELDS = ("epoch_losses", "epoch_queries", "queries", "step_in_epoch", "global_step")
-
-CHECKPOINT_FORMAT = 2
-
-
-def _tensors(state: dict[str, Any]) -> dict[str, Any]:
-    """numpy arrays in a (flat) state dict as tensors, so it loads with weights_only=True."""
-    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
 
 
 @contextlib.contextmanager

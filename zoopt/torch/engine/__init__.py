@@ -7,7 +7,6 @@ from .core import (
     DEFAULT_CHUNK_BYTES,
     LossFn,
     SparseCGEEngine,
-    as_coords,
     cast_for_loss,
     naive_coordinate_values,
 )
@@ -17,7 +16,6 @@ __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "LossFn",
     "SparseCGEEngine",
-    "as_coords",
     "block_reuse_coordinate_values",
     "cast_for_loss",
     "naive_coordinate_values",

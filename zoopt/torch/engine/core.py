@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ..._coords import check_coords
 from ..params import ParamView, preserved_buffers
 from . import origins as org
 from .graph import EngineGraph, build_graph
@@ -194,7 +195,7 @@ class SparseCGEEngine:
         The module's parameters and buffers are unchanged afterwards.
         """
         x = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
-        coords_np = as_coords(coords, self.view.dim)
+        coords_np = check_coords(coords, self.view.dim)
         step = float(step)
         out = torch.empty(coords_np.shape[0], dtype=self.values_dtype, device=self.view.device)
         if coords_np.shape[0] == 0:
@@ -1070,22 +1071,6 @@ def _per_query_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor, in
     return vectorized
 
 
-def as_coords(coords: Any, dim: int) -> np.ndarray:
-    """Validate coordinate indices: a 1-D integer array with entries in ``[0, dim)``."""
-    if isinstance(coords, torch.Tensor):
-        coords = coords.detach().cpu().numpy()
-    arr = np.asarray(coords)
-    if arr.ndim != 1:
-        raise ValueError(f"coords must be 1-D, got shape {arr.shape}")
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"coords must be integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64, copy=False)
-    bad = (arr < 0) | (arr >= dim)
-    if bad.any():
-        raise ValueError(f"coordinate {int(arr[bad][0])} out of range for dim={dim}")
-    return arr
-
-
 # ----------------------------------------------------------------------------------------
 # The reference
 def _naive_loop(
@@ -1143,7 +1128,7 @@ def naive_coordinate_values(
     in every forward; the generators are restored afterwards).
     """
     view = ParamView(module)
-    coords_np = as_coords(coords, view.dim)
+    coords_np = check_coords(coords, view.dim)
     out = torch.empty(coords_np.shape[0], dtype=loss_dtype or view.dtype, device=view.device)
     with torch.no_grad(), preserved_buffers(module), view.loaded(view.check_flat(x, "x")):
         which = view.group_index(coords_np)
@@ -1163,7 +1148,6 @@ __all__ = [
     "LossFn",
     "SparseCGEEngine",
     "Value",
-    "as_coords",
     "cast_for_loss",
     "naive_coordinate_values",
 ]

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..._coords import check_coords
 from ..models import stages_of
 from ..params import ParamView, preserved_buffers
-from .core import LossFn, as_coords, cast_for_loss
+from .core import LossFn, cast_for_loss
 
 
 def block_reuse_coordinate_values(
@@ -36,7 +37,7 @@ def block_reuse_coordinate_values(
     are restored afterwards.
     """
     view = ParamView(module)
-    coords_np = as_coords(coords, view.dim)
+    coords_np = check_coords(coords, view.dim)
     stages = stages_of(module)
     stage_of_param: dict[int, int] = {}
     for s, st in enumerate(stages):

@@ -1,4 +1,5 @@
-"""Forward parallelization on a real Dask LocalCluster (two worker processes, one thread each).
+"""Forward parallelization (zoopt.parallel) on a real Dask LocalCluster (two worker
+processes, one thread each).
 
 Oracles are built on the workers from factories defined in this module; cloudpickle ships
 them by value, so the workers need not import the test module.
@@ -23,11 +24,16 @@ pytest.importorskip("distributed")
 import cloudpickle  # noqa: E402
 
 import zoopt  # noqa: E402
-from zoopt.distributed import (  # noqa: E402
-    DistributedOracle,
+from zoopt.parallel import (  # noqa: E402
+    GroupCosts,
     OracleTimeout,
+    ParallelOracle,
+    ReplicableOracle,
     connect,
+    parallel_oracle,
+    plan_probes,
     predict_group_cost,
+    replicable,
     split_by_cost,
 )
 
@@ -45,11 +51,15 @@ def _quadratic(X: np.ndarray, A: np.ndarray, delay: float) -> np.ndarray:
     return np.einsum("nd,de,ne->n", X, A, X) + np.sin(X).sum(axis=1)
 
 
-def quadratic_oracle(dim: int = DIM, seed: int = 0, delay: float = 0.0) -> zoopt.BaseOracle:
+def quadratic_oracle(
+    dim: int = DIM, seed: int = 0, delay: float = 0.0, max_queries: int | None = None
+) -> zoopt.BaseOracle:
     """f(x) = x'Ax + sum(sin x) with a fixed random A; ``delay`` seconds of sleep per query."""
     r = np.random.default_rng(seed)
     A = r.standard_normal((dim, dim)) / dim
-    return zoopt.as_oracle(partial(_quadratic, A=A, delay=delay), dim=dim, batched=True)
+    return zoopt.as_oracle(
+        partial(_quadratic, A=A, delay=delay), dim=dim, batched=True, max_queries=max_queries
+    )
 
 
 def _fails_on_large_first_coordinate(X: np.ndarray) -> np.ndarray:
@@ -68,7 +78,7 @@ class StagedSleepOracle(zoopt.BaseOracle):
     """Coordinates in [0, 20) cost 4 ms per query, [20, 40) cost 1 ms (like early vs late
     stages of a network); values are sum(x**2)."""
 
-    groups = [(0, 20), (20, 40)]
+    groups = ((0, 20), (20, 40))
 
     def __init__(self) -> None:
         super().__init__(DIM)
@@ -95,7 +105,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def quad(client):
-    with DistributedOracle(quadratic_oracle, client) as o:
+    with ParallelOracle(replicable(quadratic_oracle), client) as o:
         yield o
 
 
@@ -124,7 +134,7 @@ def test_coordinate_steps_equal_single_process_in_caller_order(quad, coords, ste
 def test_sparse_cge_gradient_equals_single_process(client, scheme):
     coords = np.arange(0, DIM, 3)
     est = zoopt.CGE(mu=1e-3, scheme=scheme)
-    with DistributedOracle(quadratic_oracle, client) as o:
+    with ParallelOracle(replicable(quadratic_oracle), client) as o:
         got = est.estimate(o, _x(), coords=coords)
         assert (
             o.queries
@@ -156,7 +166,9 @@ def test_batch_splits_rows_and_counts_queries(quad):
 
 
 def test_budget_is_enforced_at_the_client_before_any_work(client):
-    with DistributedOracle(quadratic_oracle, client, max_queries=10) as o:
+    # the budget is the replicated oracle's own
+    with ParallelOracle(replicable(partial(quadratic_oracle, max_queries=10)), client) as o:
+        assert o.max_queries == 10
         o.eval_coordinate_steps(_x(), np.arange(6), 0.1)
         evaluated = o.worker_queries()
         with pytest.raises(zoopt.BudgetExceeded) as info:
@@ -168,34 +180,42 @@ def test_budget_is_enforced_at_the_client_before_any_work(client):
 
 def test_worker_exception_becomes_oracle_error_naming_the_queries(client):
     x = np.zeros(DIM)
-    with DistributedOracle(failing_oracle, client) as o:
+    with ParallelOracle(replicable(failing_oracle), client) as o:
         with pytest.raises(zoopt.OracleError, match=r"queries 0\.\.3 .*ZeroDivisionError"):
             o.eval_coordinate_steps(x, np.arange(4), 20.0)
-    with DistributedOracle(failing_oracle, client, on_error="inf") as o:
+    # the error policy is the replicated oracle's own, applied per query on the workers
+    with ParallelOracle(replicable(partial(failing_oracle, on_error="inf")), client) as o:
+        assert o.on_error == "inf"
         got = o.eval_coordinate_steps(x, np.array([3, 0, 5]), 20.0)
     np.testing.assert_array_equal(got, [400.0, math.inf, 400.0])
 
 
 def test_bad_arguments_are_named(client, quad):
-    with pytest.raises(TypeError, match="factory must be a callable"):
-        DistributedOracle(42, client)
+    with pytest.raises(TypeError, match="build must be a callable"):
+        replicable(42)
+    with pytest.raises(TypeError, match="build\\(\\) must return a zoopt.BaseOracle, got 42"):
+        replicable(lambda: 42)
     lock = threading.Lock()
     with pytest.raises(TypeError, match="must be picklable"):
-        DistributedOracle(lambda: (lock, quadratic_oracle())[1], client)
+        ParallelOracle(replicable(lambda: (lock, quadratic_oracle())[1]), client)
+    with pytest.raises(TypeError, match="client must be a distributed.Client"):
+        ParallelOracle(replicable(quadratic_oracle), "tcp://localhost:8786")
     with pytest.raises(ValueError, match="balance must be"):
-        DistributedOracle(quadratic_oracle, client, balance="fast")
+        ParallelOracle(replicable(quadratic_oracle), client, balance="fast")
     with pytest.raises(ValueError, match="timeout must be"):
-        DistributedOracle(quadratic_oracle, client, timeout=-1)
-    with pytest.raises(ValueError, match="needs parameter groups"):
-        DistributedOracle(quadratic_oracle, client, balance="cost")
+        ParallelOracle(replicable(quadratic_oracle), client, timeout=-1)
+    with pytest.raises(ValueError, match="needs cost groups"):
+        ParallelOracle(replicable(quadratic_oracle), client, balance="cost")
     with pytest.raises(ValueError, match="groups overlap at index 5"):
-        DistributedOracle(quadratic_oracle, client, groups=[(0, 10), (5, 20)])
-    with pytest.raises(TypeError, match="no set_batch"):
+        ParallelOracle(replicable(quadratic_oracle), client, groups=[(0, 10), (5, 20)])
+    with pytest.raises(TypeError, match="takes no data batch"):
         quad.set_batch(np.zeros(3))
-    with pytest.raises(ValueError, match="out of range for dim=40: index 40"):
+    with pytest.raises(ValueError, match="index 40 out of range for dim=40"):
         quad.eval_coordinate_steps(_x(), np.array([1, 40]), 0.1)
-    with pytest.raises(ValueError, match="integer indices"):
+    with pytest.raises(TypeError, match="coords must be integers"):
         quad.eval_coordinate_steps(_x(), np.array([0.5]), 0.1)
+    with pytest.raises(TypeError, match="has no loss_and_grad"):
+        quad.loss_and_grad(_x())
     with pytest.raises(ValueError, match="workers must be a positive integer"):
         connect(workers=0)
     with pytest.raises(ValueError, match="scheduler must be an address"):
@@ -214,7 +234,7 @@ def test_worker_killed_mid_step_still_gives_the_same_values(client):
     want = quadratic_oracle().eval_coordinate_steps(x, coords, 0.01)
     result: dict = {}
     # 0.1 s per query: each worker is busy for 0.8 s with its half of the step
-    with DistributedOracle(partial(quadratic_oracle, delay=0.1), client) as o:
+    with ParallelOracle(replicable(partial(quadratic_oracle, delay=0.1)), client) as o:
 
         def step():
             try:
@@ -240,7 +260,8 @@ def test_worker_killed_mid_step_still_gives_the_same_values(client):
 
 
 def test_timeout_is_a_clear_error(client):
-    with DistributedOracle(partial(quadratic_oracle, delay=0.3), client, timeout=0.2) as o:
+    slow = replicable(partial(quadratic_oracle, delay=0.3))
+    with ParallelOracle(slow, client, timeout=0.2) as o:
         with pytest.raises(OracleTimeout, match=r"timeout=0\.2 s") as info:
             o.eval_coordinate_steps(_x(), np.arange(4), 0.1)
     assert isinstance(info.value, TimeoutError) and isinstance(info.value, zoopt.OracleError)
@@ -281,8 +302,9 @@ def test_probe_fit_rejects_no_timings():
 
 def test_measured_costs_give_the_expensive_group_fewer_coordinates(client):
     x = _x()
-    with DistributedOracle(StagedSleepOracle, client, probe_coords=2) as o:
-        assert o.balance == "cost"  # groups read from the oracle
+    staged = replicable(StagedSleepOracle, groups=StagedSleepOracle.groups)
+    with ParallelOracle(staged, client, probe_coords=2) as o:
+        assert o.balance == "cost"  # groups read from the oracle's cost_groups()
         o.eval_coordinate_steps(x, np.arange(20, DIM), 0.1)  # only the cheap group: probed
         probed = o.calibration_queries
         assert probed == 2 * (2 + 8)  # best of two runs of 2 and of 8 coordinates
@@ -301,8 +323,6 @@ def test_measured_costs_give_the_expensive_group_fewer_coordinates(client):
 
 
 def test_group_costs_blend_in_new_timings():
-    from zoopt.distributed import GroupCosts
-
     costs = GroupCosts(np.array([0, 10, 30]), np.array([10, 30, 40]), np.array([2.0, np.nan, 5.0]))
     costs = costs.updated([(2, 1, 9.0)], weight=1.0, provisional=True)  # a probe
     new = costs.updated([(0, 4, 4.0), (1, 2, 1.0), (1, 3, 2.0), (2, 4, 4.0)], weight=0.5)
@@ -344,6 +364,60 @@ def test_split_by_cost_rejects_bad_input():
         split_by_cost(np.arange(3), np.array([1.0, -1.0, 1.0]), 2)
 
 
+def test_balancing_is_pure_numpy():
+    import subprocess
+
+    code = (
+        "import sys, zoopt.parallel.balance\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'dask', 'distributed'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    per_coord=st.lists(st.one_of(st.just(math.nan), st.floats(0.0, 5.0)), min_size=3, max_size=3),
+    samples=st.lists(
+        st.tuples(st.integers(-1, 2), st.integers(0, 5), st.floats(0.0, 10.0)), max_size=8
+    ),
+    weight=st.floats(0.01, 1.0),
+    provisional=st.booleans(),
+)
+def test_group_costs_updates_return_a_new_model_and_leave_the_old_one(
+    per_coord, samples, weight, provisional
+):
+    costs = GroupCosts(np.array([0, 10, 30]), np.array([10, 30, 40]), np.array(per_coord))
+    frozen = costs.per_coord.copy()
+    new = costs.updated(samples, weight=weight, provisional=provisional)
+    np.testing.assert_array_equal(costs.per_coord, frozen)  # the old model is untouched
+    assert costs.provisional is None
+    seen = {g for g, n, _ in samples if g >= 0 and n > 0}
+    for g in range(3):
+        if g in seen:
+            assert math.isfinite(new.per_coord[g]) and new.provisional[g] == provisional
+        else:  # a group without samples keeps its value and flag
+            np.testing.assert_array_equal(new.per_coord[g], frozen[g])
+            assert not new.provisional[g]
+    coords = np.arange(45)
+    assert np.all(np.isfinite(new.coordinate_costs(coords)))
+    assert np.all(new.coordinate_costs(coords) >= 0)
+
+
+def test_probes_cover_each_unmeasured_group_at_two_sizes():
+    costs = GroupCosts(np.array([0, 20]), np.array([20, 40]), np.array([math.nan, 0.5]))
+    coords = np.arange(0, 40)
+    probes, sizes = plan_probes(costs, coords, probe_coords=2)
+    assert sizes == {0: 20}  # group 1 is measured: not probed again
+    assert [(g, c.size) for g, c in probes] == [(0, 2), (0, 8)]
+    assert all(np.all((c >= 0) & (c < 20)) and np.unique(c).size == c.size for _, c in probes)
+    few, sizes = plan_probes(costs, np.array([3, 5, 30]), probe_coords=2)
+    assert sizes == {0: 2} and [c.tolist() for _, c in few] == [[3, 5]]  # capped, once
+    with pytest.raises(ValueError, match="probe_coords must be a positive integer, got 0"):
+        plan_probes(costs, coords, probe_coords=0)
+
+
 # -- cluster handling -----------------------------------------------------------------------
 
 
@@ -351,12 +425,66 @@ def test_connect_to_an_existing_cluster_by_address(client):
     address = client.scheduler.address
     with connect(workers=2, scheduler=address) as other:
         assert len(other.scheduler_info()["workers"]) == 2
-        with DistributedOracle(quadratic_oracle, other) as o:
+        with ParallelOracle(replicable(quadratic_oracle), other) as o:
             np.testing.assert_allclose(
                 o.eval_coordinate_steps(_x(), np.arange(4), 0.1),
                 quadratic_oracle().eval_coordinate_steps(_x(), np.arange(4), 0.1),
             )
     assert client.status == "running"  # closing a client by address leaves the cluster up
+
+
+# -- the replicable protocol ----------------------------------------------------------------
+
+
+def test_a_plain_oracle_is_refused_naming_what_it_lacks(client):
+    plain = quadratic_oracle()
+    with pytest.raises(TypeError, match=r"FunctionOracle lacks set_batch, base_value, "
+                       r"replica_factory, model_state, .*use_threads.*replicable\(build\)"):  # fmt: skip
+        ParallelOracle(plain, client)
+    # refused before a cluster is started (workers=10**6 would take a while)
+    with pytest.raises(TypeError, match="lacks set_batch"):
+        with parallel_oracle(plain, workers=10**6):
+            pass  # pragma: no cover - never reached
+    assert plain.queries == 0
+
+
+def test_replicable_declares_no_batch_no_state_and_its_groups():
+    oracle = replicable(StagedSleepOracle, groups=StagedSleepOracle.groups)
+    assert isinstance(oracle, ReplicableOracle)
+    assert oracle.model_state() == {} and oracle.cost_groups() == [(0, 20), (20, 40)]
+    assert oracle.cost_clock() == "wall"  # a black box may wait: its cost is wall time
+    with pytest.raises(ValueError, match=r"no state to load, got \['w'\]"):
+        oracle.load_model_state({"w": np.zeros(1)})
+    replica = cloudpickle.loads(cloudpickle.dumps(oracle.replica_factory()))()
+    assert isinstance(replica.oracle, StagedSleepOracle) and replica.oracle is not oracle.oracle
+    oracle.queries = 7  # counter and policy are the wrapped oracle's
+    assert oracle.oracle.queries == 7
+
+
+def test_parallel_oracle_leaves_the_oracle_as_it_was_but_for_the_query_count(client):
+    local = replicable(quadratic_oracle)
+    local.oracle.queries = 5
+    wrapped = local.oracle
+    before, local_before = dict(vars(wrapped)), dict(vars(local))
+    with parallel_oracle(local, client=client) as o:
+        assert o.local is local and o.queries == 5  # counting goes on where it stood
+        o.eval_coordinate_steps(_x(), np.arange(6), 0.1)
+        assert local.queries == 5  # the workers' queries are counted here only
+    assert client.status == "running"  # a given client is left open
+    assert local.oracle is wrapped and local.queries == 11
+    after = dict(vars(wrapped))
+    assert after.pop("queries") == 11 and before.pop("queries") == 5
+    assert after.keys() == before.keys()
+    assert all(after[k] is before[k] for k in before), "an attribute was replaced"
+    assert vars(local) == local_before
+    with pytest.raises(RuntimeError, match="closed"):
+        o.eval_coordinate_steps(_x(), np.arange(2), 0.1)
+
+
+def test_nothing_of_the_local_oracle_is_forwarded_implicitly(quad):
+    assert not hasattr(quad, "oracle")  # no attribute of the local oracle leaks through
+    assert not hasattr(quad, "factory")
+    assert quad.cost_groups() == []
 
 
 # -- torch models ---------------------------------------------------------------------------
@@ -384,14 +512,45 @@ def _float32_grad_tolerance(values: torch.Tensor, mu: float) -> float:
     return 4 * torch.finfo(torch.float32).eps * float(values.abs().max()) / mu
 
 
-def test_torch_model_with_batchnorm_gradient_equals_single_process(client):
-    from zoopt.distributed import ModuleOracleFactory
+def test_module_oracle_is_replicable_and_its_replica_is_the_same_function():
+    from zoopt.torch.replica import ModuleOracleFactory
 
+    local = _small_cnn_oracle(training=False)
+    assert isinstance(local, ReplicableOracle)
+    assert local.cost_groups() == [(g.start, g.stop) for g in local.view.groups]
+    assert local.cost_clock() == "cpu"
+    state = local.model_state()
+    assert set(state) == {k for k, _ in local.module.named_buffers()}
+    factory = cloudpickle.loads(cloudpickle.dumps(local.replica_factory()))
+    assert isinstance(factory, ModuleOracleFactory) and factory.training is False
+    replica = factory()
+    assert replica.module is not local.module and not replica.module.training
+    with torch.no_grad():  # the replica takes the local running statistics by name
+        for name, b in local.module.named_buffers():
+            if "running" in name:
+                b.mul_(1.5).add_(0.3)
+    replica.load_model_state(local.model_state())
+    for (name, a), b in zip(local.module.named_buffers(), replica.module.buffers(), strict=True):
+        assert torch.equal(a, b), name
+    x, coords = local.view.flatten(), np.arange(0, 300, 11)
+    for o in (local, replica):
+        o.set_batch(*_digits_like_batch())
+    torch.testing.assert_close(
+        replica.eval_coordinate_steps(x.numpy(), coords, 1e-2),
+        local.eval_coordinate_steps(x, coords, 1e-2).numpy(),
+    )
+    with pytest.raises(KeyError, match="does not: \\['nope'\\]"):
+        replica.load_model_state({"nope": np.zeros(1)})
+    with pytest.raises(TypeError, match="expected a ModuleOracle"):
+        ModuleOracleFactory.from_oracle(quadratic_oracle())
+
+
+def test_torch_model_with_batchnorm_gradient_equals_single_process(client):
     local, single = _small_cnn_oracle(), _small_cnn_oracle()
     coords = np.sort(np.random.default_rng(0).choice(local.dim, 300, replace=False))
     x, mu = local.view.flatten(), 5e-3
-    with DistributedOracle(ModuleOracleFactory.from_oracle(local), client, local=local) as o:
-        assert o.balance == "cost"  # groups come from the ModuleOracle's ParamView
+    with ParallelOracle(local, client) as o:
+        assert o.balance == "cost"  # groups come from the ModuleOracle's cost_groups()
         for oracle in (o, single):
             oracle.set_batch(*_digits_like_batch())
         fx, fs = o.base_value(x), single.base_value(x)
@@ -406,6 +565,11 @@ def test_torch_model_with_batchnorm_gradient_equals_single_process(client):
         single.set_batch(*_digits_like_batch(seed=1))
         v = o.eval_coordinate_steps(x, coords[:50], mu)
         w = single.eval_coordinate_steps(x, coords[:50], mu)
+        # first order through the local oracle (no ZO query charged)
+        loss, grad = o.loss_and_grad(x, update_stats=False)
+        want_loss, want_grad = single.loss_and_grad(x, update_stats=False)
+        assert loss == want_loss and o.queries == 1 + coords.size + 50
+        torch.testing.assert_close(grad, want_grad)
     assert isinstance(got.grad, torch.Tensor) and got.grad.dtype == torch.float32
     tol = _float32_grad_tolerance(torch.tensor([fs]), mu)
     torch.testing.assert_close(got.grad, want.grad, atol=tol, rtol=0)
@@ -414,11 +578,9 @@ def test_torch_model_with_batchnorm_gradient_equals_single_process(client):
 
 def test_worker_replicas_see_the_local_batchnorm_buffers(client):
     """In eval mode BN uses running statistics: workers must use the client's current ones."""
-    from zoopt.distributed import ModuleOracleFactory
-
     local = _small_cnn_oracle(training=False)
     coords, x, mu = np.arange(0, 200, 7), local.view.flatten(), 1e-2
-    with DistributedOracle(ModuleOracleFactory.from_oracle(local), client, local=local) as o:
+    with ParallelOracle(local, client) as o:
         o.set_batch(*_digits_like_batch())
         stale = o.eval_coordinate_steps(x, coords, mu)
         with torch.no_grad():  # e.g. a base forward in training mode moved the statistics
@@ -434,8 +596,7 @@ def test_worker_replicas_see_the_local_batchnorm_buffers(client):
     assert float((stale - want).abs().max()) > 1e-3  # the change mattered
 
 
-def test_distributed_training_trains_like_the_single_process_trainer(client, tmp_path):
-    from zoopt.distributed import distributed_training
+def test_parallel_oracle_trains_like_the_single_process_trainer(client, tmp_path):
     from zoopt.torch.models import SmallCNN
     from zoopt.torch.tasks import ClassificationTask
     from zoopt.torch.train import TrainConfig, Trainer
@@ -457,14 +618,19 @@ def test_distributed_training_trains_like_the_single_process_trainer(client, tmp
 
     task = make_task()
     own_oracle = task.oracle
+    task_before = dict(vars(task))
     # the CLI path: --scheduler tcp://... (here: the test cluster's address)
-    with distributed_training(task, scheduler=client.scheduler.address) as oracle:
-        assert task.oracle is oracle and oracle.local is own_oracle
-        trainer = Trainer(task, config, tmp_path / "distributed")
+    with parallel_oracle(task.oracle, scheduler=client.scheduler.address) as oracle:
+        assert oracle.local is own_oracle
+        trainer = Trainer(task, config, tmp_path / "parallel", oracle=oracle)
         got = trainer.fit()
         assert oracle.last_call["what"] == "coordinate steps"
         assert len(oracle.last_call["chunk_sizes"]) == 2
-    assert task.oracle is own_oracle and own_oracle.queries == got["queries"]
+    # the task was never patched: same attributes, same objects; the count is on its oracle
+    assert vars(task).keys() == task_before.keys()
+    assert all(vars(task)[k] is v for k, v in task_before.items())
+    assert type(task.oracle) is type(own_oracle) and "local" not in vars(own_oracle)
+    assert own_oracle.queries == got["queries"]
     assert got["queries"] == want["queries"] > 0
     torch.testing.assert_close(trainer.x, single_trainer.x, atol=1e-5, rtol=0)
     for name, value in single.buffers_state().items():
