@@ -201,3 +201,40 @@ def test_bad_coords_and_dim_mismatch():
         zoopt.CGE(coords=[1, 1]).estimate(oracle, x)
     with pytest.raises(ValueError, match="dim=4"):
         zoopt.RGE().estimate(oracle, np.zeros(5))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    d=st.integers(1, 400),
+    q=st.integers(1, 6),
+    dist=st.sampled_from(["gaussian", "rademacher", "sphere"]),
+    scheme=st.sampled_from(["forward", "central"]),
+    mu=st.floats(1e-6, 1.0),
+)
+def test_rge_direction_mode_perturbs_by_mu_whatever_d(seed, d, q, dist, scheme, mu):
+    x = np.random.default_rng(seed).standard_normal(d)
+    plan = zoopt.RGE(q=q, mu=mu, dist=dist, scheme=scheme).plan(x, rng=seed, fx=0.0)
+    lengths = np.linalg.norm(plan.all_points() - x, axis=1)
+    np.testing.assert_allclose(lengths, mu, rtol=1e-6)  # step length μ, not μ·√d
+    absolute = zoopt.RGE(q=q, mu=mu, dist=dist, scheme=scheme, mu_mode="absolute")
+    u = absolute.directions(d, np.random.default_rng(seed))
+    lengths = np.linalg.norm(absolute.plan(x, rng=seed, fx=0.0).all_points() - x, axis=1)
+    np.testing.assert_allclose(lengths, mu * np.tile(np.linalg.norm(u, axis=1), 2)[: lengths.size])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000), d=st.integers(1, 50), q=st.integers(1, 8))
+def test_rge_modes_agree_on_linear_functions(seed, d, q):
+    # a forward difference of a linear function is exact at any step: same estimate
+    a = np.random.default_rng(seed + 1).standard_normal(d)
+    oracle = zoopt.as_oracle(lambda X: X @ a, dim=d, batched=True)
+    x = np.random.default_rng(seed).standard_normal(d)
+    by_direction = zoopt.RGE(q=q, mu=1e-3).estimate(oracle, x, rng=seed)
+    absolute = zoopt.RGE(q=q, mu=1e-3, mu_mode="absolute").estimate(oracle, x, rng=seed)
+    np.testing.assert_allclose(by_direction.grad, absolute.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_rge_mu_mode_is_checked():
+    with pytest.raises(ValueError, match="mu_mode must be 'direction' or 'absolute', got 'rel'"):
+        zoopt.RGE(mu_mode="rel")

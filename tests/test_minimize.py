@@ -30,9 +30,10 @@ def test_reduces_convex_quadratic_gap_1000x(estimator, optimizer, maxiter):
     res = zoopt.minimize(
         plain_quadratic, x0, estimator=estimator, optimizer=optimizer, maxiter=maxiter, seed=0
     )
-    assert res.success, res.message
+    assert res.status == 1 and not res.success and "maxiter=" in res.message  # as scipy
     assert f0 / res.fun > 1000, res.fun
     assert res.nfev == maxiter * estimator.queries_per_step(D) + 1  # +1: final f(x)
+    assert res.njev == maxiter and res.fun == plain_quadratic(res.x)
     assert len(res.history["fun"]) == maxiter
 
 
@@ -97,9 +98,11 @@ def test_asktell_state_dict_resumes_exactly():
     for _ in range(5):
         c.tell(np.array([plain_quadratic(p) for p in c.ask()]))
     np.testing.assert_array_equal(a.x, c.x)
-    b.ask()
-    with pytest.raises(RuntimeError, match="between ask"):
-        b.state_dict()
+    before = b.state_dict()
+    b.ask()  # mid-iteration: the state is still that of the last completed iteration
+    after = b.state_dict()
+    np.testing.assert_array_equal(before["x"], after["x"])
+    assert before["rng"] == after["rng"] and after["nit"] == 3
 
 
 def test_deterministic_for_a_seed_and_torch_input():
@@ -127,9 +130,9 @@ def test_budget_exhaustion_returns_best_point():
         maxiter=100,
         max_queries=1000,
     )
-    assert not res.success and "max_queries=1000" in res.message
+    assert not res.success and res.status == 1 and "max_queries=1000" in res.message
     assert res.nit == 4 and res.nfev <= 1000
-    assert res.best_fun <= res.history["fun"][-1]
+    assert res.best_fun <= res.history["fun_at_estimate"][-1] and res.fun == res.best_fun
     # an oracle's own budget also ends the run cleanly
     oracle = zoopt.as_oracle(plain_quadratic, dim=D, max_queries=500)
     res = zoopt.minimize(
@@ -148,7 +151,7 @@ def test_callback_can_stop_and_gtol():
         maxiter=50,
         callback=lambda r: r.nit >= 3,
     )
-    assert res.nit == 3 and res.message == "stopped by callback"
+    assert res.nit == 3 and res.message == "stopped by callback" and res.status == 99
     res = zoopt.minimize(
         plain_quadratic,
         np.ones(D),
@@ -157,7 +160,7 @@ def test_callback_can_stop_and_gtol():
         maxiter=500,
         gtol=1e-3,
     )
-    assert res.success and "gtol" in res.message and res.nit < 500
+    assert res.success and "gtol" in res.message and res.nit < 500 and res.status == 0
 
 
 def test_nonfinite_values_stop_with_a_message():
@@ -174,11 +177,19 @@ def test_nonfinite_values_stop_with_a_message():
         ({"x0": np.ones((2, 2))}, r"x0 must be 1-D .* shape \(2, 2\)"),
         ({"x0": []}, "must not be empty"),
         ({"x0": ["a", "b"]}, "x0 must be a 1-D array of numbers"),
-        ({"maxiter": -1}, "maxiter must be a non-negative integer, got -1"),
+        ({"maxiter": -1}, "maxiter must be a non-negative integer or None, got -1"),
         ({"max_queries": 0}, "max_queries must be a positive integer or None, got 0"),
         ({"estimator": "cge"}, "estimator must be a zoopt estimator"),
         ({"optimizer": "sgd"}, "optimizer must be a zoopt optimizer"),
-        ({"gtol": -1.0}, "gtol must be > 0"),
+        ({"gtol": -1.0}, "gtol must be a finite number > 0, got -1.0"),
+        ({"tol": float("inf")}, "tol must be a finite number > 0, got inf"),
+        ({"method": "newton"}, "unknown method 'newton'"),
+        ({"method": "lbfgs", "lr": 0.1}, "method='lbfgs' chooses its own steps and takes no lr"),
+        ({"options": {"memroy": 3}}, r"unknown option\(s\) \['memroy'\] for LBFGS"),
+        ({"bounds": [(0, 1)] * 2}, "bounds has 2 .* x0 has 3"),
+        ({"bounds": [(2, 1)] * 3}, r"bounds\[0\] has low 2.0 > high 1.0"),
+        ({"workers": 0}, "workers must be an int >= 1"),
+        ({"workers": 2, "batched": True}, "cannot go with batched=True"),
     ],
 )
 def test_bad_minimize_arguments(kwargs, match):
@@ -188,9 +199,244 @@ def test_bad_minimize_arguments(kwargs, match):
 
 
 def test_tell_rejects_wrong_values():
-    at = zoopt.AskTell(np.ones(3), zoopt.CGE(mu=0.1), seed=0)
+    at = zoopt.AskTell(np.ones(3), zoopt.CGE(mu=0.1), zoopt.SGD(lr=0.1), seed=0)
     at.ask()
     with pytest.raises(ValueError, match=r"tell expects 4 values .* got shape \(3,\)"):
         at.tell([1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="non-finite value nan at index 2"):
-        at.tell([1.0, 2.0, float("nan"), 1.0])
+    with pytest.raises(TypeError, match="tell got 'abcd'"):
+        at.tell("abcd")
+    with pytest.raises(TypeError, match="dtype <U1"):
+        at.tell(["a", "b", "c", "d"])
+    # NaN reads as +inf: a fixed step cannot use it, so the method stops and says why
+    assert at.tell([1.0, 2.0, float("nan"), 1.0]) is None
+    assert at.done and "non-finite" in at.message
+    with pytest.raises(RuntimeError, match="finished"):
+        at.ask()
+
+
+# -- issue 17: defaults that need no tuning, a scipy-grade result ----------------------------
+class Recorder:
+    """An independent record of every point and value the optimizer asked for."""
+
+    def __init__(self, fn):
+        self.fn, self.points, self.values = fn, [], []
+
+    def __call__(self, x):
+        value = self.fn(x)
+        self.points.append(np.array(x, copy=True))
+        self.values.append(float(value))
+        return value
+
+
+FUNCTIONS = {
+    "sphere": lambda x: float(np.sum((x - 0.3) ** 2)),
+    "quadratic": lambda x: float(np.sum(np.arange(1, x.size + 1) * x * x)),
+    "rosenbrock": lambda x: float(np.sum(100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2)),
+    "rastrigin": lambda x: float(10 * x.size + np.sum(x * x - 10 * np.cos(2 * np.pi * x))),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    name=st.sampled_from(sorted(FUNCTIONS)),
+    d=st.integers(2, 8),
+    budget=st.integers(1, 400),
+    seed=st.integers(0, 1000),
+)
+def test_result_contract_fun_is_f_of_x_best_point_budget_exact(name, d, budget, seed):
+    fn = FUNCTIONS[name]
+    rec = Recorder(fn)
+    x0 = np.random.default_rng(seed).uniform(-2, 2, d)
+    res = zoopt.minimize(rec, x0, max_queries=budget, seed=seed)  # defaults: maxiter=None
+    assert len(rec.values) == res.nfev <= budget  # never over, counted independently
+    assert res.fun == fn(res.x)  # exactly f(x), not an estimate
+    assert res.fun == min(rec.values)  # the best point queried is returned
+    np.testing.assert_array_equal(res.x, res.best_x)
+    assert res.status in (0, 1) and res.success == (res.status == 0)
+    assert res.nit == len(res.history["fun"])
+    if res.jac is not None:
+        assert res.jac.shape == (d,)
+    if res.status == 1:  # stopped by the budget: the next plan did not fit
+        assert res.nfev > budget - 2 * d
+
+
+def test_defaults_solve_smooth_problems_without_tuning():
+    d = 100
+    c = np.linspace(-1, 1, d)
+    res = zoopt.minimize(lambda x: float(np.sum((x - c) ** 2)), np.zeros(d), max_queries=20 * d)
+    assert res.fun < 1e-12, res  # scipy's L-BFGS-B: ~1e-10 here
+    # condition number 1e3, rotated: a fixed-lr method needs a tuned lr for this one
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    H = (Q * np.logspace(0, 3, 30)) @ Q.T
+    res = zoopt.minimize(lambda x: float(0.5 * x @ H @ x), np.ones(30), max_queries=200 * 30)
+    assert res.fun < 1e-8, res
+    # no budget and no maxiter: it runs until it has converged, and says so
+    res = zoopt.minimize(FUNCTIONS["rosenbrock"], np.zeros(5))
+    assert res.success and res.status == 0 and res.message.startswith("converged"), res
+    assert res.fun < 1e-10 and res.njev >= res.nit
+
+
+def test_the_budget_rules_not_a_hidden_maxiter():
+    res = zoopt.minimize(FUNCTIONS["rastrigin"], np.full(4, 2.2), max_queries=5000, seed=0)
+    assert res.status == 1 and res.nfev > 5000 - 2 * 4  # restarts spent it all
+    assert "max_queries=5000" in res.message
+
+
+def test_switches_to_central_differences_near_the_optimum():
+    sizes = []
+
+    def f(X):
+        sizes.append(X.shape[0])
+        return np.sum((X - 0.5) ** 2, axis=1)
+
+    res = zoopt.minimize(f, np.zeros(6), batched=True)
+    assert 6 in sizes and 12 in sizes  # forward (d) first, then central (2d)
+    assert res.success and res.fun < 1e-20
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    method=st.sampled_from(["lbfgs", "spsa", "sgd", "lbfgs-cge", "adam-rge-central"]),
+    d=st.integers(1, 6),
+    seed=st.integers(0, 10_000),
+    budget=st.integers(5, 300),
+)
+def test_bounds_are_never_violated(method, d, seed, budget):
+    rng = np.random.default_rng(seed)
+    lb = rng.uniform(-2, 0.5, d)
+    ub = lb + rng.uniform(0.0, 2.0, d)  # some boxes are (nearly) flat
+    x0 = rng.uniform(-4, 4, d)  # may start outside: projected
+    target = rng.uniform(-4, 4, d)
+    rec = Recorder(lambda x: float(np.sum((x - target) ** 2)))
+    kwargs = {
+        "lbfgs": {},
+        "spsa": {"method": "spsa"},
+        "sgd": {"method": "sgd", "lr": 0.5},
+        "lbfgs-cge": {"estimator": zoopt.CGE(mu=0.3)},
+        "adam-rge-central": {
+            "estimator": zoopt.RGE(q=2, mu=0.5, scheme="central"),
+            "optimizer": zoopt.Adam(lr=1.0),
+        },
+    }[method]
+    bounds = list(zip(lb, ub, strict=True))
+    res = zoopt.minimize(rec, x0, bounds=bounds, max_queries=budget, seed=seed, **kwargs)
+    for p in rec.points:
+        assert np.all(p >= lb) and np.all(p <= ub), (p, lb, ub)
+    assert np.all(res.x >= lb) and np.all(res.x <= ub)
+    assert np.all(res.last_x >= lb) and np.all(res.last_x <= ub)
+
+
+def test_scipy_bounds_and_an_optimum_on_the_bound():
+    from scipy.optimize import Bounds
+
+    res = zoopt.minimize(lambda x: float(np.sum((x - 2.0) ** 2)), np.zeros(3), bounds=Bounds(0, 1))
+    np.testing.assert_allclose(res.x, 1.0)
+    assert res.success, res.message
+
+
+def test_callback_stop_iteration_and_intermediate_result():
+    seen = []
+
+    def callback(intermediate_result):
+        seen.append(intermediate_result)
+        if intermediate_result.nit == 2:
+            raise StopIteration
+
+    res = zoopt.minimize(FUNCTIONS["sphere"], np.zeros(4), callback=callback)
+    assert res.status == 99 and not res.success and res.nit == 2
+    assert res.message == "stopped by callback"
+    assert isinstance(seen[0], zoopt.OptimizeResult) and seen[0].fun is not None
+    assert seen[-1].x.shape == (4,) and seen[-1].jac.shape == (4,)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        lambda v: v,
+        lambda v: np.float32(v),
+        lambda v: np.array(v),
+        lambda v: np.array([v]),
+        lambda v: np.array([[v]]),
+    ],
+    ids=["float", "float32", "0-d", "1-element", "1x1"],
+)
+def test_function_values_as_numbers_and_one_element_arrays(value):
+    res = zoopt.minimize(lambda x: value(float(np.sum((x - 1) ** 2))), np.zeros(3))
+    assert res.fun < 1e-6, res
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ("1.5", "returned '1.5'"),
+        (True, "returned True"),
+        (np.array([1.0, 2.0]), r"returned array\(\[1\., 2\.\]\)"),
+    ],
+)
+def test_strings_bools_and_vectors_are_type_errors(bad, match):
+    with pytest.raises(TypeError, match=match):
+        zoopt.minimize(lambda x: bad, np.zeros(3))
+
+
+def test_args_workers_and_maplike_give_the_same_run():
+    from concurrent.futures import ThreadPoolExecutor
+
+    def f(x, c, scale):
+        return float(scale * np.sum((x - c) ** 2))
+
+    c = np.linspace(0, 1, 5)
+    serial = zoopt.minimize(f, np.zeros(5), args=(c, 2.0), seed=1)
+    threads = zoopt.minimize(f, np.zeros(5), args=(c, 2.0), seed=1, workers=3)
+    with ThreadPoolExecutor(2) as pool:
+        mapped = zoopt.minimize(f, np.zeros(5), args=(c, 2.0), seed=1, workers=pool.map)
+    for other in (threads, mapped):
+        np.testing.assert_array_equal(serial.x, other.x)
+        assert serial.nfev == other.nfev and serial.fun == other.fun
+
+
+def test_spsa_for_noisy_objectives():
+    noise = np.random.default_rng(5)
+
+    def noisy(x):
+        return float(np.sum((x - 1.0) ** 2) + 0.05 * noise.standard_normal())
+
+    res = zoopt.minimize(noisy, np.zeros(10), method="spsa", max_queries=6000, seed=0)
+    assert np.linalg.norm(res.last_x - 1.0) < 0.3 * np.linalg.norm(np.ones(10))
+    assert res.njev == res.nit  # one simultaneous perturbation (2 queries) per iteration
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), d=st.integers(2, 8), cut=st.integers(1, 40))
+def test_default_asktell_resumes_bit_for_bit_mid_iteration(seed, d, cut):
+    x0 = np.random.default_rng(seed).uniform(-1.5, 1.5, d)
+    f = FUNCTIONS["rosenbrock"]
+
+    def drive(at, tells=10**9, nit=25):
+        for _ in range(tells):
+            if at.done or at.nit >= nit:
+                break
+            at.tell([f(p) for p in at.ask()])
+
+    full = zoopt.AskTell(x0, seed=seed)
+    drive(full)
+    part = zoopt.AskTell(x0, seed=seed)
+    drive(part, tells=cut)
+    state = part.state_dict()  # usually mid-iteration (line search, gradient)
+    resumed = zoopt.AskTell(np.zeros(d), seed=seed + 1)
+    resumed.load_state_dict(state)
+    drive(resumed)
+    assert resumed.nit == full.nit and resumed.done == full.done
+    np.testing.assert_array_equal(resumed.x, full.x)
+
+
+def test_minimize_and_asktell_agree_for_the_default_method():
+    f = FUNCTIONS["rosenbrock"]
+    xs = []
+    zoopt.minimize(f, np.zeros(4), maxiter=15, callback=lambda r: xs.append(np.array(r.x)))
+    at = zoopt.AskTell(np.zeros(4))
+    while at.nit < 15:
+        at.tell([f(p) for p in at.ask()])
+        if len(xs) >= at.nit > 0:
+            np.testing.assert_array_equal(xs[at.nit - 1], at.x)
+    assert len(xs) == 15

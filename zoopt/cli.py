@@ -65,26 +65,54 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
         x0 = np.zeros(args.dim)
     if x0.shape[0] != args.dim:
         raise SystemExit(f"zoopt: --x0 has {x0.shape[0]} entries but --dim is {args.dim}")
+    fixed_flags = [
+        flag
+        for flag, value in (
+            ("--optimizer", args.optimizer),
+            ("--lr", args.lr),
+            ("--momentum", args.momentum),
+            ("--schedule", args.schedule),
+        )
+        if value is not None
+    ]
+    method = args.method or ("sgd" if fixed_flags else "lbfgs")
+    if method in ("lbfgs", "spsa") and fixed_flags:
+        raise SystemExit(f"zoopt: --method {method} takes no {', '.join(fixed_flags)}")
+    if method == "spsa" and args.estimator:
+        raise SystemExit("zoopt: --method spsa takes no --estimator")
+    mu = 1e-4 if args.mu is None else args.mu
+    est = None
     if args.estimator == "cge":
-        est = zoopt.CGE(
-            mu=args.mu, scheme=args.scheme if args.scheme != "antithetic" else "central"
-        )
-    else:
-        est = zoopt.RGE(q=args.q, mu=args.mu, dist=args.dist, scheme=args.scheme)
-    lr: Any = args.lr
-    if args.schedule == "cosine":
-        lr = zoopt.Cosine(
-            base=args.lr, total=max(1, args.maxiter), warmup=min(args.warmup, args.maxiter - 1)
-        )
-    opt = zoopt.make_optimizer(
-        args.optimizer, lr=lr, **({"momentum": args.momentum} if args.optimizer != "adam" else {})
-    )
+        est = zoopt.CGE(mu=mu, scheme=args.scheme if args.scheme != "antithetic" else "central")
+    elif args.estimator == "rge" or method != "lbfgs" or args.mu is not None:
+        # a --mu for L-BFGS means fixed-step differences instead of the adaptive ones
+        if method == "lbfgs" and args.estimator is None:
+            est = zoopt.CGE(mu=mu, scheme=args.scheme if args.scheme != "antithetic" else "central")
+        else:
+            est = zoopt.RGE(q=args.q, mu=mu, dist=args.dist, scheme=args.scheme)
+    if method == "spsa":
+        est = None
+    opt = None
+    if method not in ("lbfgs", "spsa"):
+        if args.method and args.optimizer and args.method != args.optimizer:
+            raise SystemExit(f"zoopt: --method {args.method} but --optimizer {args.optimizer}")
+        method = args.optimizer or method
+        base_lr = 1e-3 if args.lr is None else args.lr
+        lr: Any = base_lr
+        iterations = args.maxiter or 1000
+        if args.schedule == "cosine":
+            lr = zoopt.Cosine(
+                base=base_lr, total=max(1, iterations), warmup=min(args.warmup, iterations - 1)
+            )
+        momentum = {"momentum": args.momentum or 0.0} if method != "adam" else {}
+        opt = zoopt.make_optimizer(method, lr=lr, **momentum)
     f = fn if batched else (lambda x: fn(x))
-    oracle = zoopt.as_oracle(f, dim=args.dim, batched=batched)
+    oracle = zoopt.as_oracle(f, dim=args.dim, batched=batched, on_nonfinite="inf")
     f_start = float(oracle(x0))
     res = zoopt.minimize(
         oracle,
         x0,
+        method=None if opt is not None else method,
         estimator=est,
         optimizer=opt,
         maxiter=args.maxiter,
@@ -95,13 +123,14 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
     summary = {
         "function": args.function,
         "dim": args.dim,
-        "estimator": repr(est),
-        "optimizer": args.optimizer,
+        "method": method,
+        "estimator": "adaptive finite differences" if est is None else repr(est),
         "f_start": f_start,
         "fun": res.fun,
         "best_fun": res.best_fun,
         "nit": res.nit,
         "nfev": res.nfev,
+        "status": res.status,
         "success": bool(res.success),
         "message": res.message,
         "wall_seconds": round(res.wall_seconds, 3),
@@ -116,7 +145,9 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
     else:
         for k, v in summary.items():
             print(f"{k:>14}: {v}")
-    return 0 if res.success else 1
+    # a run that ended at its budget or iteration limit did its job (status 1); a failed
+    # oracle, a non-finite stop or an interrupt did not
+    return 0 if res.status in (0, 1) else 1
 
 
 def _add_minimize(sub: Any) -> None:
@@ -134,19 +165,34 @@ def _add_minimize(sub: Any) -> None:
     p.add_argument(
         "--batched", action="store_true", help="module:function takes (n, d) and returns (n,)"
     )
-    p.add_argument("--estimator", choices=["rge", "cge"], default="rge")
+    p.add_argument(
+        "--method",
+        choices=["lbfgs", "spsa", "sgd", "adam", "signsgd"],
+        default=None,
+        help="lbfgs (default: no learning rate), spsa (noisy functions), or a fixed-step "
+        "optimizer (the default when --optimizer/--lr/--momentum/--schedule is given)",
+    )
+    p.add_argument(
+        "--estimator",
+        choices=["rge", "cge"],
+        default=None,
+        help="gradient estimator (lbfgs: adaptive finite differences unless given; "
+        "fixed steps: rge)",
+    )
     p.add_argument("--q", type=int, default=20, help="RGE directions (default 20)")
     p.add_argument(
-        "--mu", type=float, default=1e-4, help="smoothing / difference step (default 1e-4)"
+        "--mu", type=float, default=None, help="smoothing / difference step (default 1e-4)"
     )
     p.add_argument("--dist", choices=["gaussian", "sphere", "rademacher"], default="gaussian")
     p.add_argument("--scheme", choices=["forward", "central", "antithetic"], default="forward")
-    p.add_argument("--optimizer", choices=["sgd", "adam", "signsgd"], default="sgd")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--momentum", type=float, default=0.0)
-    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant")
+    p.add_argument("--optimizer", choices=["sgd", "adam", "signsgd"], default=None)
+    p.add_argument("--lr", type=float, default=None, help="fixed-step learning rate (1e-3)")
+    p.add_argument("--momentum", type=float, default=None)
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=None)
     p.add_argument("--warmup", type=int, default=0, help="warmup iterations of the cosine schedule")
-    p.add_argument("--maxiter", type=int, default=1000)
+    p.add_argument(
+        "--maxiter", type=int, default=None, help="iterations (default: until converged or budget)"
+    )
     p.add_argument("--max-queries", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="save the final x to this .npy file")

@@ -37,6 +37,7 @@ from .oracle import BaseOracle
 
 Direction = Literal["gaussian", "sphere", "rademacher"]
 RGEScheme = Literal["forward", "central", "antithetic"]
+MuMode = Literal["direction", "absolute"]
 CGEScheme = Literal["forward", "central"]
 
 
@@ -86,6 +87,8 @@ class QueryPlan:
     #: ``[(coords, step), ...]`` blocks after an optional base point (CGE only).
     coord_steps: list[tuple[np.ndarray, float]] | None = None
     includes_base: bool = False
+    #: ``"gradient"`` (a gradient estimate's points) or ``"values"`` (e.g. a line search's)
+    kind: str = "gradient"
 
     def all_points(self) -> Array:
         """Every point as one ``(n, d)`` array (for ask/tell; mind the memory at large n·d)."""
@@ -172,12 +175,20 @@ class RGE(Estimator):
         dist: ``"gaussian"`` (N(0, I)), ``"sphere"`` (uniform on the unit sphere, scaled by d)
             or ``"rademacher"`` (±1 entries).
         scheme: ``"forward"``, ``"central"`` or ``"antithetic"`` (see the module table).
+        mu_mode: ``"direction"`` (default): each direction ``u_i`` is stepped by
+            ``h_i = μ/‖u_i‖``, so every perturbation has length μ whatever d is (a Gaussian
+            direction has length ≈ √d; a fixed μ would perturb by μ√d at d = 1000 and bias
+            the estimate). The estimate keeps its expectation ``∇f``: the difference quotient
+            divides by ``h_i``. ``"absolute"``: the step is ``μ·u_i`` as in the papers'
+            formula (DeepZero's trainer uses it). Directions on the sphere have unit length,
+            so both modes agree for ``dist="sphere"``.
     """
 
     q: int = 10
     mu: float = 5e-3
     dist: Direction = "gaussian"
     scheme: RGEScheme = "forward"
+    mu_mode: MuMode = "direction"
 
     def __post_init__(self) -> None:
         if isinstance(self.q, bool) or not isinstance(self.q, int | np.integer) or self.q < 1:
@@ -191,6 +202,8 @@ class RGE(Estimator):
             raise ValueError(
                 f"scheme must be 'forward', 'central' or 'antithetic', got {self.scheme!r}"
             )
+        if self.mu_mode not in ("direction", "absolute"):
+            raise ValueError(f"mu_mode must be 'direction' or 'absolute', got {self.mu_mode!r}")
         if self.scheme == "antithetic" and self.q % 2:
             raise ValueError(
                 f"the antithetic scheme needs an even q (mirrored pairs), got q={self.q}"
@@ -235,9 +248,17 @@ class RGE(Estimator):
         d = x.shape[0]
         # Directions come from a numpy Generator so that numpy, torch and CuPy runs with the
         # same seed see the same directions; they are moved to x's device once per step.
-        u = xp.asarray(self.directions(d, _as_rng(rng)), dtype=x.dtype, device=device_of(x))
+        u_host = self.directions(d, _as_rng(rng))
+        u = xp.asarray(u_host, dtype=x.dtype, device=device_of(x))
         m = u.shape[0]
         mu = self.mu
+        # per-direction steps h_i (host float64): μ/‖u_i‖ (length μ) or μ (the paper's μ·u_i)
+        if self.mu_mode == "direction" and self.dist != "sphere":
+            norms = np.linalg.norm(u_host, axis=1)
+            h_host = mu / np.where(norms > 0, norms, 1.0)
+        else:
+            h_host = np.full(m, mu)
+        h = xp.asarray(h_host, dtype=x.dtype, device=device_of(x))
         scale = (d if self.dist == "sphere" else 1.0) / self.q
         forward = self.scheme == "forward"
         need_base = forward and fx is None
@@ -252,7 +273,8 @@ class RGE(Estimator):
             pert = np.flatnonzero(rows >= offset)
             if pert.size:
                 j = rows[pert] - offset
-                signed = xp.asarray(np.where(j < m, mu, -mu), dtype=x.dtype, device=device_of(x))
+                step = np.where(j < m, h_host[j % m], -h_host[j % m])
+                signed = xp.asarray(step, dtype=x.dtype, device=device_of(x))
                 dirs = xp.take(u, xp.asarray(j % m, device=device_of(x)), axis=0)
                 r = xp.asarray(pert, device=device_of(x))
                 out[r, ...] = x[None, :] + signed[:, None] * dirs
@@ -263,12 +285,13 @@ class RGE(Estimator):
             if values.shape[0] != n:
                 raise ValueError(f"expected {n} values for this plan, got {values.shape[0]}")
             base = float(values[0]) if need_base else fx
+            hv = xp.astype(h, values.dtype)
             if forward:
-                coef = (values[offset:] - base) / mu
+                coef = (values[offset:] - base) / hv
             elif self.scheme == "central":
-                coef = (values[:m] - values[m:]) / (2 * mu)
+                coef = (values[:m] - values[m:]) / (2 * hv)
             else:  # antithetic: mirrored forward differences, f(x) cancels
-                coef = (values[:m] - values[m:]) / mu
+                coef = (values[:m] - values[m:]) / hv
             grad = scale * (xp.astype(coef, x.dtype) @ u)
             return Estimate(grad=grad, fx=None if base is None else float(base), queries=n)
 

@@ -1,35 +1,97 @@
 """``minimize`` and its ask/tell twin.
 
-Both run the same step: plan the queries of a gradient estimate at the current point,
-get their values, finish the estimate, apply the optimizer. :class:`AskTell` hands the
-points out and takes the values back; :func:`minimize` evaluates them itself — with the
-same seed both produce identical iterates.
+Both drive the same method (:mod:`zoopt.methods`): a coroutine that asks for the values of
+query plans and reports finished iterations. :class:`AskTell` hands the points out and takes
+the values back; :func:`minimize` evaluates them itself, enforces the limits, keeps the best
+point and returns a scipy-style :class:`OptimizeResult`. With the same seed both produce
+identical iterates.
+
+Methods (``method=``):
+
+=================  =========================================================  ===============
+method             what it does                                               needs
+=================  =========================================================  ===============
+``"lbfgs"``        L-BFGS on finite-difference gradients + a line search on   nothing
+                   values (the default)
+``"spsa"``         SPSA with decaying gains: noisy objectives                 nothing
+``"sgd"``,         ``x ← opt.step(x, ĝ)`` with an estimator (RGE default)     ``lr`` (1e-3
+``"adam"``,                                                                   default)
+``"signsgd"``
+a method object    :class:`~zoopt.methods.LBFGS`, :class:`~zoopt.methods.SPSA`,
+                   :class:`~zoopt.methods.FixedStep` or your own ``run``
+=================  =========================================================  ===============
+
+``method=None`` picks ``"lbfgs"`` unless a fixed-step argument is given (``optimizer``,
+``lr``, ``mu`` or ``coords``): then the fixed step with that optimizer (SGD by default).
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ._array import Array, as_float_vector, copy_of, like, to_numpy
 from .estimators import RGE, Estimate, Estimator, QueryPlan
-from .optim import SGD, Optimizer
-from .oracle import BaseOracle, BudgetExceeded, OracleError, as_oracle
+from .methods import LBFGS, SPSA, Box, FixedStep, Iterate, Run, as_box
+from .optim import SGD, Adam, Optimizer, SignSGD
+from .oracle import BaseOracle, BudgetExceeded, FunctionOracle, OracleError
 from .schedules import Schedule
-from .step import ZO, update
+from .step import ZO
+
+#: result status codes, as scipy's: 0 converged, 1 an iteration or query limit was reached
+STATUS_CONVERGED = 0
+STATUS_LIMIT = 1
+STATUS_FAILED = 2  # the oracle raised, or a method could not go on (non-finite values)
+STATUS_INTERRUPTED = 3  # KeyboardInterrupt
+STATUS_CALLBACK = 99  # the callback returned True or raised StopIteration (scipy's code)
+
+#: fixed-step methods run this many iterations when neither maxiter nor max_queries is given
+FIXED_STEP_DEFAULT_MAXITER = 1000
+
+_OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "signsgd": SignSGD}
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What :class:`AskTell` drives: a coroutine of query plans and iterations
+    (see :mod:`zoopt.methods`)."""
+
+    def run(
+        self,
+        x0: Array,
+        *,
+        rng: np.random.Generator,
+        box: Box | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> Run: ...
 
 
 class OptimizeResult(dict):
     """scipy-style result: a dict whose keys are also attributes.
 
-    Keys: ``x`` (final iterate), ``fun`` (f at ``x``, or the last known value), ``nit``,
-    ``nfev`` (oracle queries), ``success``, ``message``, ``best_x``/``best_fun`` (best point
-    queried), ``history`` (per-iteration lists: ``fun`` f(x_k) or NaN when the scheme did not
-    evaluate it, ``nfev`` cumulative queries, ``lr``, ``grad_norm``), ``wall_seconds``.
+    Keys:
+        x: the best point queried (the recommendation), shape ``(d,)``, x0's type.
+        fun: f(x), exactly the value the function returned there.
+        jac: the last gradient estimate (``None`` before the first iteration).
+        status: 0 converged, 1 ``maxiter``/``max_queries`` reached, 2 the oracle failed or
+            the method could not go on, 3 interrupted, 99 stopped by the callback.
+        success: ``status == 0`` (as scipy: running out of budget is not success).
+        message: why it stopped, in words.
+        nit: iterations; nfev: queries; njev: gradient estimates (their queries are in nfev).
+        best_x, best_fun: the same as ``x``, ``fun``.
+        last_x, last_fun: the last iterate and f there (NaN if never evaluated).
+        history: per-iteration lists: ``fun`` (f(x_k) or NaN when the method did not
+            evaluate it, e.g. after a fixed step), ``fun_at_estimate`` (f where the
+            iteration's gradient was estimated, NaN for central schemes), ``nfev``
+            (cumulative queries), ``lr`` (step size), ``grad_norm`` (‖ĝ‖₂).
+        wall_seconds: time spent.
     """
 
     def __getattr__(self, name: str) -> Any:
@@ -39,7 +101,7 @@ class OptimizeResult(dict):
             raise AttributeError(name) from exc
 
     def __repr__(self) -> str:
-        keys = ("message", "success", "fun", "nit", "nfev")
+        keys = ("message", "success", "status", "fun", "nit", "nfev")
         return "OptimizeResult(" + ", ".join(f"{k}={self.get(k)!r}" for k in keys) + ")"
 
 
@@ -47,24 +109,133 @@ def _default_estimator(dim: int) -> Estimator:
     return RGE(q=min(20, dim), mu=1e-3)
 
 
+def make_method(
+    method: str | Method | None,
+    dim: int,
+    *,
+    estimator: Estimator | None = None,
+    optimizer: Optimizer | None = None,
+    lr: float | Schedule | None = None,
+    mu: Schedule | None = None,
+    coords: Callable[[int], Any] | None = None,
+    tol: float | None = None,
+    gtol: float | None = None,
+    options: Mapping[str, Any] | None = None,
+    restarts: bool = False,
+) -> Method:
+    """The method ``minimize``/``AskTell`` run for these arguments (see the module table).
+
+    ``tol`` sets L-BFGS's ``gtol`` and ``ftol`` (as scipy's L-BFGS-B); ``options`` go to the
+    method's constructor (``LBFGS``, ``SPSA``) or the optimizer's (``sgd``, ``adam``,
+    ``signsgd``). Raises ``ValueError`` naming an argument the method does not take.
+    """
+    if estimator is not None and not isinstance(estimator, Estimator):
+        raise TypeError(f"estimator must be a zoopt estimator (RGE, CGE), got {estimator!r}")
+    if optimizer is not None and not isinstance(optimizer, Optimizer):
+        raise TypeError(
+            f"optimizer must be a zoopt optimizer (SGD, Adam, SignSGD), got {optimizer!r}"
+        )
+    if optimizer is not None and lr is not None:
+        raise ValueError("pass lr to the optimizer, not to both the optimizer and minimize")
+    options = dict(options or {})
+    fixed_args = {
+        "optimizer": optimizer,
+        "lr": lr,
+        "mu": mu,
+        "coords": coords,
+    }
+    given_fixed = [k for k, v in fixed_args.items() if v is not None]
+    if method is None:
+        method = "sgd" if given_fixed else "lbfgs"
+        if optimizer is not None:
+            method = "fixed"
+    if not isinstance(method, str):
+        if not isinstance(method, Method):
+            raise TypeError(
+                f"method must be a name ({', '.join(['lbfgs', 'spsa', *_OPTIMIZERS])}) or an "
+                f"object with run(x0, rng=, box=, state=), got {method!r}"
+            )
+        extra = given_fixed + [k for k in ("estimator",) if estimator is not None]
+        extra += [k for k, v in (("tol", tol), ("gtol", gtol)) if v is not None] + list(options)
+        if extra:
+            raise ValueError(
+                f"method={method!r} is a method object: configure it directly, not with "
+                f"{', '.join(extra)}"
+            )
+        return method
+    name = method.lower()
+    if name == "lbfgs":
+        if given_fixed:
+            raise ValueError(
+                f"method='lbfgs' chooses its own steps and takes no {', '.join(given_fixed)} "
+                "(use method='sgd' or 'adam' for a fixed-step optimizer)"
+            )
+        settings: dict[str, Any] = {"estimator": estimator, "restarts": restarts}
+        if tol is not None:
+            settings.update(gtol=float(tol), ftol=float(tol))
+        if gtol is not None:
+            settings["gtol"] = float(gtol)
+        return LBFGS(**(settings | _checked_options(LBFGS, options)))
+    if name == "spsa":
+        extra = given_fixed + [k for k in ("estimator",) if estimator is not None]
+        if extra:
+            raise ValueError(f"method='spsa' takes no {', '.join(extra)}")
+        return SPSA(**_checked_options(SPSA, options))
+    if name in _OPTIMIZERS or name == "fixed":
+        if optimizer is None:
+            cls = _OPTIMIZERS["sgd" if name == "fixed" else name]
+            try:
+                optimizer = cls(lr=1e-3 if lr is None else lr, **options)
+            except TypeError as exc:
+                raise ValueError(f"bad options for method={name!r}: {exc}") from exc
+        elif options:
+            raise ValueError(
+                f"options={options!r} given with an optimizer: configure the optimizer"
+            )
+        elif name in _OPTIMIZERS and not isinstance(optimizer, _OPTIMIZERS[name]):
+            raise ValueError(f"method={name!r} but optimizer is {type(optimizer).__name__}")
+        est = estimator if estimator is not None else _default_estimator(dim)
+        return FixedStep(ZO(est, mu=mu, coords=coords), optimizer)
+    raise ValueError(
+        f"unknown method {method!r}; choose from {['lbfgs', 'spsa', *_OPTIMIZERS]} or pass a "
+        "method object"
+    )
+
+
+def _checked_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
+    known = {f for f in getattr(cls, "__dataclass_fields__", {})} - {"estimator"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {unknown} for {cls.__name__}; it takes {sorted(known)}"
+        )
+    return options
+
+
 class AskTell:
     """Zeroth-order optimization driven from outside.
 
     Example::
 
-        at = AskTell(x0, estimator=CGE(mu=1e-4), optimizer=SGD(lr=0.1), seed=0)
-        for _ in range(100):
-            X = at.ask()                 # (n, d) points to evaluate
-            at.tell([f(p) for p in X])   # values in the same order
+        at = AskTell(x0, seed=0)                 # L-BFGS on finite differences
+        while not at.done:
+            X = at.ask()                         # (n, d) points to evaluate
+            at.tell([f(p) for p in X])           # values in the same order
+
+    A ``tell`` that completes an iteration returns its gradient :class:`Estimate` (and
+    ``nit`` grows); the other tells (f(x0), line-search points) return ``None``. Values may
+    be ``inf``/``NaN`` (both read as ``+inf``: "worse than anything"): L-BFGS shrinks its
+    step, the fixed-step and SPSA methods stop (:attr:`done`, :attr:`message`).
 
     Args:
-        x0: starting point, shape ``(d,)`` (numpy, torch or CuPy).
-        estimator: gradient estimator (default: RGE with q=min(20, d), μ=1e-3).
-        optimizer: update rule (default: SGD with ``lr``).
-        lr: learning rate or schedule for the default optimizer (default 1e-3).
+        x0: starting point, shape ``(d,)`` (numpy, torch or CuPy); projected onto ``bounds``.
+        estimator, optimizer, method, lr, mu, coords, tol, gtol, options: as for
+            :func:`minimize`.
+        bounds: ``(low, high)`` pairs or ``scipy.optimize.Bounds``; no point asked for
+            leaves them.
         seed: seed of the random directions (int, ``np.random.Generator`` or None).
-        mu: optional schedule for the estimator's μ (a callable of the iteration).
-        coords: optional callable ``iteration -> coords`` for dynamic sparse CGE.
+        restarts: L-BFGS restarts from the best point after converging (``minimize`` turns
+            them on when ``max_queries`` is set).
     """
 
     def __init__(
@@ -73,88 +244,139 @@ class AskTell:
         estimator: Estimator | None = None,
         optimizer: Optimizer | None = None,
         *,
+        method: str | Method | None = None,
         lr: float | Schedule | None = None,
+        bounds: Any = None,
         seed: int | np.random.Generator | None = None,
         mu: Schedule | None = None,
         coords: Callable[[int], Any] | None = None,
+        tol: float | None = None,
+        gtol: float | None = None,
+        options: Mapping[str, Any] | None = None,
+        restarts: bool = False,
     ):
         self.x = copy_of(as_float_vector(x0))  # the caller's x0 is never written to
         self.dim = int(self.x.shape[0])
-        self.estimator = estimator if estimator is not None else _default_estimator(self.dim)
-        if not isinstance(self.estimator, Estimator):
-            raise TypeError(
-                f"estimator must be a zoopt estimator (RGE, CGE), got {self.estimator!r}"
-            )
-        if optimizer is not None and lr is not None:
-            raise ValueError("pass lr to the optimizer, not to both the optimizer and AskTell")
-        self.optimizer = optimizer if optimizer is not None else SGD(lr=1e-3 if lr is None else lr)
-        if not isinstance(self.optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer must be a zoopt optimizer (SGD, Adam, SignSGD), got {optimizer!r}"
-            )
+        self.box = as_box(bounds, self.dim)
+        if self.box is not None:
+            self.x = like(self.box.project(to_numpy(self.x).astype(np.float64)), self.x)
+        self.method = make_method(
+            method,
+            self.dim,
+            estimator=estimator,
+            optimizer=optimizer,
+            lr=lr,
+            mu=mu,
+            coords=coords,
+            tol=tol,
+            gtol=gtol,
+            options=options,
+            restarts=restarts,
+        )
+        self.optimizer = self.method.optimizer if isinstance(self.method, FixedStep) else None
         self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        self.source = ZO(self.estimator, mu=mu, coords=coords)
         self.nit = 0
+        #: the last iteration's gradient estimate, f(x) (``None`` if unknown) and step size
         self.last: Estimate | None = None
-        self._plan: QueryPlan | None = None
+        self.fun: float | None = None
+        self.lr: float = math.nan
+        #: whether the method has finished, and why (``message`` starts with "converged"
+        #: when it converged)
+        self.done = False
+        self.message: str | None = None
+        self._run: Run | None = None
+        self._resume: dict[str, Any] | None = None
+        self._pending: QueryPlan | None = None
+        self._snapshot = self._make_snapshot(None)
+
+    # -- the loop ----------------------------------------------------------------------
+    def next_plan(self) -> QueryPlan | None:
+        """The plan whose values the next :meth:`tell` needs, or ``None`` when finished."""
+        while self._pending is None and not self.done:
+            self._advance(None)
+        return self._pending
 
     def plan(self) -> QueryPlan:
-        """The query plan of the current step (created once per step)."""
-        if self._plan is None:
-            self._plan = self.source.plan(self.x, rng=self.rng, iteration=self.nit)
-        return self._plan
-
-    def discard(self) -> None:
-        """Forget the pending plan (its values will not be told); the next ``ask`` plans
-        the same iteration again."""
-        self._plan = None
+        """Like :meth:`next_plan`, but a finished run raises ``RuntimeError``."""
+        plan = self.next_plan()
+        if plan is None:
+            raise RuntimeError(f"the method has finished ({self.message}); nothing to ask")
+        return plan
 
     def ask(self) -> Array:
         """The ``(n, d)`` points whose values the next :meth:`tell` needs (same until told)."""
         return self.plan().all_points()
 
-    def tell(self, values: Any) -> Estimate:
-        """Give the values at the asked points (in order); performs the update.
+    def tell(self, values: Any) -> Estimate | None:
+        """Give the values at the asked points (in order).
 
-        Returns the gradient :class:`Estimate` of this step.
+        Returns the gradient :class:`Estimate` when these values complete an iteration,
+        else ``None``. Raises ``ValueError``/``TypeError`` for values of the wrong count or
+        type (nothing changes then).
         """
         plan = self.plan()
-        if not hasattr(values, "shape"):
-            values = np.asarray(values, dtype=np.float64)
-        if tuple(values.shape) != (plan.n,):
-            raise ValueError(
-                f"tell expects {plan.n} values (one per asked point), got shape {tuple(values.shape)}"
-            )
-        host = to_numpy(values)
-        if not np.all(np.isfinite(host)):
-            bad = int(np.flatnonzero(~np.isfinite(host))[0])
-            raise ValueError(f"tell got a non-finite value {host[bad]} at index {bad}")
-        est = plan.finish(like(values, self.x))
-        self.x = update(self.optimizer, self.x, est)
-        self.last = est
-        self.nit += 1
-        self._plan = None
-        return est
+        host = _host_values(values, plan.n)
+        self._pending = None
+        event = self._advance(like(host, self.x, dtype=_value_dtype(host, self.x)))
+        if isinstance(event, Iterate):
+            # plan ahead so that ``done`` is current; the state stays that of this iteration
+            self.next_plan()
+            return event.estimate
+        return None
+
+    def discard(self) -> None:
+        """Forget the iteration in progress: the next ``ask`` restarts it from the state of
+        the last completed iteration (its queries are asked again)."""
+        self.load_state_dict(self.state_dict())
+
+    def _advance(self, values: Any) -> Iterate | QueryPlan | None:
+        if self._run is None:
+            self._run = self.method.run(self.x, rng=self.rng, box=self.box, state=self._resume)
+        try:
+            event = self._run.send(values)
+        except StopIteration as stop:
+            self.done, self.message = True, str(stop.value or "the method finished")
+            self._pending = None
+            return None
+        if isinstance(event, Iterate):
+            self.x = event.x
+            self.nit += 1
+            self.last, self.fun, self.lr = event.estimate, event.fun, float(event.lr)
+            self._snapshot = self._make_snapshot(event.state)
+            return event
+        if not isinstance(event, QueryPlan):  # pragma: no cover - a broken custom method
+            raise TypeError(f"the method yielded {event!r}; expected a QueryPlan or Iterate")
+        self._pending = event
+        return event
+
+    # -- checkpoints -------------------------------------------------------------------
+    def _make_snapshot(self, method_state: dict[str, Any] | None) -> dict[str, Any]:
+        state = {
+            "x": np.array(to_numpy(self.x), dtype=np.float64, copy=True),
+            "nit": self.nit,
+            "rng": copy.deepcopy(self.rng.bit_generator.state),
+            "method": copy.deepcopy(method_state),
+            "done": self.done,
+            "message": self.message,
+        }
+        if self.optimizer is not None:
+            state["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
+        return state
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: x, iteration, optimizer state, RNG state."""
-        if self._plan is not None:
-            raise RuntimeError(
-                "state_dict() between ask() and tell(): tell the pending values first"
-            )
-        return {
-            "x": np.array(to_numpy(self.x), copy=True),
-            "nit": self.nit,
-            "optimizer": self.optimizer.state_dict(),
-            "rng": self.rng.bit_generator.state,
-        }
+        """Everything needed to continue exactly, as of the last completed iteration: x,
+        iteration, method state (L-BFGS memory, ...), optimizer state, RNG state. Taken in
+        the middle of an iteration (after an ``ask``, between line-search points), a resumed
+        run asks for that iteration's points again and continues bit for bit."""
+        return copy.deepcopy(self._snapshot)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s output. Everything is checked before anything
         is changed: a bad state raises ``ValueError`` and leaves this object as it was."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        missing = {"x", "nit", "optimizer", "rng"} - set(state)
+        required = {"x", "nit", "rng", "method"} | ({"optimizer"} if self.optimizer else set())
+        missing = required - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
         try:
@@ -169,7 +391,11 @@ class AskTell:
         nit = state["nit"]
         if isinstance(nit, bool) or not isinstance(nit, int | np.integer) or nit < 0:
             raise ValueError(f"state nit must be a non-negative integer, got {nit!r}")
-        self.optimizer.check_state_dict(state["optimizer"], self.dim)
+        method_state = state["method"]
+        if method_state is not None and not isinstance(method_state, Mapping):
+            raise ValueError(f"state method must be a dict or None, got {method_state!r}")
+        if self.optimizer is not None:
+            self.optimizer.check_state_dict(state["optimizer"], self.dim)
         probe = type(self.rng.bit_generator)()
         try:
             probe.state = state["rng"]
@@ -177,160 +403,400 @@ class AskTell:
             raise ValueError(f"state rng is not a {type(probe).__name__} state: {exc}") from exc
         self.x = like(x, self.x)
         self.nit = int(nit)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
-        self._plan = None
+        self._resume = copy.deepcopy(dict(method_state)) if method_state is not None else None
+        self.done = bool(state.get("done", False))
+        self.message = state.get("message")
+        self._run, self._pending = None, None
+        self._snapshot = copy.deepcopy(dict(state))
 
 
+def _host_values(values: Any, n: int) -> np.ndarray:
+    """Told values as host float64 ``(n,)``, NaN read as +inf; wrong counts/types raise."""
+    if isinstance(values, str | bytes):
+        raise TypeError(f"tell got {values!r}; expected {n} numbers")
+    try:
+        host = np.asarray(to_numpy(values) if hasattr(values, "shape") else values)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tell got {values!r}; expected {n} numbers") from exc
+    if host.dtype.kind not in "biuf":
+        raise TypeError(f"tell got values of dtype {host.dtype}; expected {n} real numbers")
+    if host.shape != (n,):
+        raise ValueError(
+            f"tell expects {n} values (one per asked point), got shape {tuple(host.shape)}"
+        )
+    host = host.astype(np.float64)
+    return np.where(np.isnan(host), np.inf, host)
+
+
+def _value_dtype(host: np.ndarray, x: Array) -> Any:
+    """Told values keep float64 on numpy/CuPy/torch (finite differences need the digits)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        return torch.float64
+    return np.float64
+
+
+# ---------------------------------------------------------------------------------------
+# minimize
+# ---------------------------------------------------------------------------------------
 def minimize(
     fun: Callable[..., Any] | BaseOracle,
     x0: Any,
+    args: tuple[Any, ...] = (),
     *,
+    method: str | Method | None = None,
     estimator: Estimator | None = None,
     optimizer: Optimizer | None = None,
     lr: float | Schedule | None = None,
-    maxiter: int = 1000,
+    bounds: Any = None,
+    maxiter: int | None = None,
     max_queries: int | None = None,
-    callback: Callable[[OptimizeResult], Any] | None = None,
+    tol: float | None = None,
+    options: Mapping[str, Any] | None = None,
+    callback: Callable[..., Any] | None = None,
     seed: int | np.random.Generator | None = None,
     mu: Schedule | None = None,
     coords: Callable[[int], Any] | None = None,
     batched: bool = False,
     gtol: float | None = None,
+    workers: int | Callable[..., Any] | None = None,
     progress: bool = False,
 ) -> OptimizeResult:
-    """Minimize a black-box function with zeroth-order gradient estimates.
+    """Minimize a black-box function from its values alone.
+
+    With no settings it runs L-BFGS on finite-difference gradients with a line search on
+    function values (no learning rate), until it converges or the budget ends::
+
+        res = zoopt.minimize(f, x0, max_queries=20_000)
+        res.x, res.fun            # the best point queried and f there (exactly)
 
     Args:
-        fun: ``fun(x) -> float`` (or ``fun(X) -> values`` with ``batched=True``), or an oracle.
+        fun: ``fun(x, *args) -> float`` for ``x`` of shape ``(d,)`` (a Python/numpy number,
+            0-d or 1-element array; NaN/inf read as +inf; strings and bools raise
+            ``TypeError``), or with ``batched=True`` ``fun(X, *args) -> (n,) values``; or an
+            oracle (:func:`~zoopt.as_oracle`; its own error policy applies).
         x0: starting point, shape ``(d,)``; numpy, torch or CuPy (kept on its device).
-        estimator: :class:`~zoopt.RGE` (default, q=min(20, d), μ=1e-3) or :class:`~zoopt.CGE`.
-        optimizer: :class:`~zoopt.SGD` (default), :class:`~zoopt.Adam`, :class:`~zoopt.SignSGD`.
-        lr: learning rate or schedule of the default SGD (default 1e-3).
-        maxiter: number of iterations.
-        max_queries: stop before a step would exceed this many queries.
-        callback: called after each iteration with an :class:`OptimizeResult` of the current
-            state (``x``, ``nit``, ``nfev``, ``fun``); returning ``True`` stops.
-        seed: seed for the random directions; runs with the same seed are identical.
-        mu: optional schedule for μ; coords: optional ``iteration -> coords`` (sparse CGE).
-        gtol: stop successfully when the gradient estimate's norm falls below it.
-        progress: show a tqdm progress bar.
+        args: extra positional arguments of ``fun``.
+        method: see the module table; ``None``: L-BFGS unless a fixed-step argument is given.
+        estimator: the gradient estimator. L-BFGS: adaptive finite differences by default
+            (forward, then central near the optimum); fixed steps: RGE(q=min(20, d), μ=1e-3).
+        optimizer: a fixed-step optimizer (:class:`~zoopt.SGD`, :class:`~zoopt.Adam`,
+            :class:`~zoopt.SignSGD`); lr: its learning rate or schedule (default 1e-3).
+        bounds: ``(low, high)`` pairs (``None`` for no bound) or ``scipy.optimize.Bounds``.
+            Every queried point lies inside (projection onto the box).
+        maxiter: iterations (``None``: no limit; fixed-step methods with no ``max_queries``
+            either run ``FIXED_STEP_DEFAULT_MAXITER`` = 1000).
+        max_queries: the budget of queries; never exceeded (a plan that would exceed it is
+            not started: a line search's point costs 1, a gradient ``d`` or ``2d``). With a
+            budget, L-BFGS restarts from the best point when it converges early.
+        tol: L-BFGS's ``gtol`` and ``ftol`` (as scipy's L-BFGS-B).
+        options: settings of the method (e.g. ``{"memory": 5}`` for L-BFGS, ``{"c": 0.2}``
+            for SPSA, ``{"momentum": 0.9}`` for ``"sgd"``).
+        callback: ``callback(intermediate_result)`` after each iteration, with an
+            :class:`OptimizeResult` (``x`` the iterate, ``fun``, ``nit``, ``nfev``, ``jac``,
+            ``best_x``, ``best_fun``). If its parameter is named ``intermediate_result`` it is
+            passed by keyword, as scipy does. Returning ``True`` or raising
+            ``StopIteration`` stops (status 99).
+        seed: seed for random directions and restarts; runs with the same seed are identical.
+        mu: a schedule for the estimator's μ; coords: ``iteration -> coords`` (sparse CGE).
+        batched: ``fun`` takes the whole ``(n, d)`` batch.
+        gtol: stop (converged) when the gradient estimate is this small: ``max|ĝ|`` for
+            L-BFGS, ``‖ĝ‖₂`` for fixed steps.
+        workers: evaluate a plan's points in parallel: an int (that many threads; for
+            functions that wait on I/O or release the GIL) or any map-like callable, e.g.
+            ``multiprocessing.Pool(4).map`` or an executor's ``map`` (as scipy's
+            ``workers``). Not with ``batched=True`` or an oracle.
+        progress: show a tqdm progress bar (queries when a budget is set, else iterations).
 
     Returns:
-        :class:`OptimizeResult`. ``success`` is False when the query budget ran out, a
-        value was non-finite or the oracle failed; the best point queried is always kept.
+        :class:`OptimizeResult`; ``x`` is the best point queried and ``fun`` its value.
     """
-    if isinstance(maxiter, bool) or not isinstance(maxiter, int | np.integer) or maxiter < 0:
-        raise ValueError(f"maxiter must be a non-negative integer, got {maxiter!r}")
+    if maxiter is not None and (
+        isinstance(maxiter, bool) or not isinstance(maxiter, int | np.integer) or maxiter < 0
+    ):
+        raise ValueError(f"maxiter must be a non-negative integer or None, got {maxiter!r}")
     if max_queries is not None and (
-        not isinstance(max_queries, int | np.integer) or max_queries < 1
+        isinstance(max_queries, bool)
+        or not isinstance(max_queries, int | np.integer)
+        or max_queries < 1
     ):
         raise ValueError(f"max_queries must be a positive integer or None, got {max_queries!r}")
-    if gtol is not None and not gtol > 0:
-        raise ValueError(f"gtol must be > 0, got {gtol!r}")
-    at = AskTell(x0, estimator, optimizer, lr=lr, seed=seed, mu=mu, coords=coords)
-    oracle = as_oracle(fun, dim=at.dim, batched=batched)
-    start_queries = oracle.queries
-    history: dict[str, list[float]] = {"fun": [], "nfev": [], "lr": [], "grad_norm": []}
-    message, success = f"completed maxiter={maxiter} iterations", True
-    interrupted = False
-    last_fun = math.nan
-    t0 = time.perf_counter()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=maxiter, desc="zoopt.minimize", unit="it", mininterval=0.5)
+    for name, value in (("gtol", gtol), ("tol", tol)):
+        if value is not None and not (
+            isinstance(value, int | float) and value > 0 and math.isfinite(value)
+        ):
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not isinstance(args, tuple):
+        args = (args,)
+    lbfgs_takes_gtol = _selects_lbfgs(method, optimizer, lr, mu, coords)
+    at = AskTell(
+        x0,
+        estimator,
+        optimizer,
+        method=method,
+        lr=lr,
+        bounds=bounds,
+        seed=seed,
+        mu=mu,
+        coords=coords,
+        tol=tol,
+        gtol=gtol if lbfgs_takes_gtol else None,
+        options=options,
+        restarts=max_queries is not None,
+    )
+    fixed_step = not isinstance(at.method, LBFGS)
+    if fixed_step and maxiter is None and max_queries is None:
+        maxiter = FIXED_STEP_DEFAULT_MAXITER
+    oracle, pool = _make_oracle(fun, at.dim, args, batched, workers)
+    driver = _Driver(at, oracle, maxiter, max_queries, callback, None if lbfgs_takes_gtol else gtol)
     try:
-        while at.nit < maxiter:
-            plan = at.plan()
-            spent = oracle.queries - start_queries
-            if max_queries is not None and spent + plan.n > max_queries:
-                message, success = f"max_queries={max_queries} reached ({spent} spent)", False
-                break
-            lr_now = at.optimizer.current_lr()
-            try:
-                values = plan.evaluate(oracle)
-            except BudgetExceeded as exc:
-                message, success = str(exc), False
-                break
-            except OracleError as exc:
-                message, success = f"oracle failed: {exc}", False
-                break
-            if not np.all(np.isfinite(to_numpy(values))):
-                message, success = (
-                    "a queried value was non-finite (on_nonfinite='inf'); stopped",
-                    False,
-                )
-                at.discard()
-                break
-            est = at.tell(values)
-            gnorm = float(np.linalg.norm(to_numpy(est.grad)))
-            last_fun = math.nan if est.fx is None else est.fx
-            history["fun"].append(last_fun)
-            history["nfev"].append(oracle.queries - start_queries)
-            history["lr"].append(lr_now)
-            history["grad_norm"].append(gnorm)
-            if bar is not None:
-                bar.update(1)
-                shown = last_fun if math.isfinite(last_fun) else oracle.best_f
-                bar.set_postfix(
-                    f=f"{shown:.4g}", queries=oracle.queries - start_queries, refresh=False
-                )
-            if callback is not None:
-                state = OptimizeResult(
-                    x=at.x, nit=at.nit, nfev=oracle.queries - start_queries, fun=last_fun
-                )
-                if callback(state) is True:
-                    message = "stopped by callback"
-                    break
-            if gtol is not None and gnorm < gtol:
-                message = f"gradient estimate norm {gnorm:.3g} < gtol={gtol}"
-                break
-    except KeyboardInterrupt:
-        interrupted = True
+        return driver.run(progress)
     finally:
-        if bar is not None:
-            bar.close()
-    spent = oracle.queries - start_queries
-    fun_x = last_fun
-    if not interrupted and (max_queries is None or spent < max_queries):
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _selects_lbfgs(method: Any, optimizer: Any, lr: Any, mu: Any, coords: Any) -> bool:
+    """Whether the arguments select the built-in L-BFGS by name (it checks ``gtol`` itself)."""
+    if isinstance(method, str):
+        return method.lower() == "lbfgs"
+    return method is None and all(v is None for v in (optimizer, lr, mu, coords))
+
+
+def _make_oracle(
+    fun: Callable[..., Any] | BaseOracle,
+    dim: int,
+    args: tuple[Any, ...],
+    batched: bool,
+    workers: int | Callable[..., Any] | None,
+) -> tuple[BaseOracle, ThreadPoolExecutor | None]:
+    """The oracle minimize queries, and the thread pool it owns (if ``workers`` is an int)."""
+    if isinstance(fun, BaseOracle):
+        if args or workers is not None or batched:
+            given = [
+                n for n, v in (("args", args), ("workers", workers), ("batched", batched)) if v
+            ]
+            raise ValueError(
+                f"minimize got an oracle and {', '.join(given)}: those describe a callable; "
+                "set them when you create the oracle"
+            )
+        if fun.dim != dim:
+            raise ValueError(f"x0 has {dim} entries but the oracle has dim={fun.dim}")
+        return fun, None
+    if not callable(fun):
+        raise TypeError(f"fun must be callable or an oracle, got {fun!r}")
+    pool = None
+    mapper: Callable[..., Any] | None = None
+    if workers is not None:
+        if batched:
+            raise ValueError("workers= evaluates points one by one; it cannot go with batched=True")
+        if isinstance(workers, bool) or not (isinstance(workers, int) or callable(workers)):
+            raise ValueError(f"workers must be an int >= 1 or a map-like callable, got {workers!r}")
+        if isinstance(workers, int):
+            if workers < 1:
+                raise ValueError(
+                    f"workers must be an int >= 1 or a map-like callable, got {workers}"
+                )
+            if workers > 1:
+                pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoopt-minimize")
+                mapper = pool.map
+        else:
+            mapper = workers
+    f = fun if not args else _WithArgs(fun, args)
+    oracle = FunctionOracle(f, dim, batched=batched, on_nonfinite="inf", workers=mapper)
+    return oracle, pool
+
+
+class _WithArgs:
+    """``fun(x, *args)`` as a picklable one-argument callable (for process pools)."""
+
+    def __init__(self, fun: Callable[..., Any], args: tuple[Any, ...]):
+        self.fun, self.args = fun, args
+
+    def __call__(self, x: Any) -> Any:
+        return self.fun(x, *self.args)
+
+
+class _Driver:
+    """Runs an :class:`AskTell` against an oracle under minimize's limits."""
+
+    def __init__(
+        self,
+        at: AskTell,
+        oracle: BaseOracle,
+        maxiter: int | None,
+        max_queries: int | None,
+        callback: Callable[..., Any] | None,
+        gtol: float | None,
+    ):
+        self.at, self.oracle = at, oracle
+        self.maxiter, self.max_queries, self.gtol = maxiter, max_queries, gtol
+        self.callback = callback
+        self.by_keyword = callback is not None and _takes_intermediate_result(callback)
+        self.start = oracle.queries
+        self.njev = 0
+        self.best_x: Array | None = None
+        self.best_fun = math.inf
+        self.history: dict[str, list[float]] = {
+            "fun": [],
+            "fun_at_estimate": [],
+            "nfev": [],
+            "lr": [],
+            "grad_norm": [],
+        }
+        self.converged_before = 0
+
+    @property
+    def spent(self) -> int:
+        return self.oracle.queries - self.start
+
+    def _evaluate(self, plan: QueryPlan) -> Array:
+        values = plan.evaluate(self.oracle)
+        host = to_numpy(values).astype(np.float64)
+        if host.size:
+            i = int(np.argmin(np.where(np.isnan(host), np.inf, host)))
+            if host[i] < self.best_fun:
+                self.best_fun = float(host[i])
+                self.best_x = copy_of(plan.points(i, i + 1)[0])
+        if plan.kind == "gradient":
+            self.njev += 1
+        return values
+
+    def run(self, progress: bool) -> OptimizeResult:
+        at = self.at
+        t0 = time.perf_counter()
+        status, message = STATUS_LIMIT, ""
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            total, unit = (self.max_queries, "query") if self.max_queries else (self.maxiter, "it")
+            bar = tqdm(total=total, desc="zoopt.minimize", unit=unit, mininterval=0.5)
         try:
-            fun_x = oracle(at.x)
-        except (BudgetExceeded, OracleError):
-            pass
-        except KeyboardInterrupt:  # a Ctrl-C during that last query: keep what we have
-            interrupted = True
-    if interrupted:
-        # the function is not called again: the best point queried so far is the answer
-        message, success = "interrupted (KeyboardInterrupt); returning the best point so far", False
-        x_out, fun_out = at.x, last_fun
-        if oracle.best_x is not None:
-            x_out, fun_out = oracle.best_x, oracle.best_f
+            while True:
+                if self.maxiter is not None and at.nit >= self.maxiter:
+                    status, message = STATUS_LIMIT, f"maxiter={self.maxiter} iterations reached"
+                    break
+                plan = at.next_plan()
+                if plan is None:
+                    message = at.message or "the method finished"
+                    converged = message.startswith("converged")
+                    status = STATUS_CONVERGED if converged else STATUS_FAILED
+                    break
+                if self.max_queries is not None and self.spent + plan.n > self.max_queries:
+                    status = STATUS_LIMIT
+                    message = (
+                        f"max_queries={self.max_queries} reached ({self.spent} spent; the next "
+                        f"{'gradient estimate' if plan.kind == 'gradient' else 'query'} needs "
+                        f"{plan.n})"
+                    )
+                    break
+                before = self.spent
+                try:
+                    values = self._evaluate(plan)
+                except BudgetExceeded as exc:
+                    status, message = STATUS_LIMIT, str(exc)
+                    break
+                except OracleError as exc:
+                    if isinstance(exc, TypeError):  # a string, bool or object: a bug, not data
+                        raise
+                    status, message = STATUS_FAILED, f"oracle failed: {exc}"
+                    break
+                est = at.tell(values)
+                if bar is not None:
+                    bar.update(self.spent - before if self.max_queries else int(est is not None))
+                if est is None:
+                    continue
+                gnorm = float(np.linalg.norm(to_numpy(est.grad)))
+                fun_k = math.nan if at.fun is None else float(at.fun)
+                self.history["fun"].append(fun_k)
+                self.history["fun_at_estimate"].append(math.nan if est.fx is None else est.fx)
+                self.history["nfev"].append(self.spent)
+                self.history["lr"].append(at.lr)
+                self.history["grad_norm"].append(gnorm)
+                if bar is not None:
+                    bar.set_postfix(best=f"{self.best_fun:.6g}", refresh=False)
+                if self.callback is not None and self._call_back(est, fun_k):
+                    status, message = STATUS_CALLBACK, "stopped by callback"
+                    break
+                if self.gtol is not None and gnorm < self.gtol:
+                    status = STATUS_CONVERGED
+                    message = f"converged: gradient estimate norm {gnorm:.3g} < gtol={self.gtol}"
+                    break
+        except KeyboardInterrupt:
+            status, message = STATUS_INTERRUPTED, "interrupted (KeyboardInterrupt)"
+        finally:
+            if bar is not None:
+                bar.close()
+        last_fun = math.nan if at.fun is None else float(at.fun)
+        if at.fun is None and status not in (STATUS_INTERRUPTED, STATUS_FAILED):
+            last_fun = self._final_value(at.x, last_fun)
+        if self.best_x is None and status != STATUS_INTERRUPTED:  # nothing queried yet
+            last_fun = self._final_value(at.x, last_fun)
+        if status == STATUS_INTERRUPTED:
+            message += "; returning the best point so far"
+        x_best, f_best = self.best_x, self.best_fun
+        if x_best is None:  # interrupted (or failed) before any value came back
+            x_best, f_best = copy_of(at.x), last_fun
         return OptimizeResult(
-            x=x_out,
-            fun=fun_out,
-            nit=at.nit,
-            nfev=oracle.queries - start_queries,
-            success=False,
+            x=x_best,
+            fun=f_best,
+            jac=None if at.last is None else at.last.grad,
+            status=status,
+            success=status == STATUS_CONVERGED,
             message=message,
-            best_x=x_out,
-            best_fun=fun_out,
-            history=history,
+            nit=at.nit,
+            nfev=self.spent,
+            njev=self.njev,
+            best_x=x_best,
+            best_fun=f_best,
+            last_x=at.x,
+            last_fun=last_fun,
+            history=self.history,
             wall_seconds=time.perf_counter() - t0,
         )
-    best_x, best_fun = oracle.best_x, oracle.best_f
-    if best_x is None or fun_x < best_fun:
-        best_x, best_fun = at.x, fun_x
-    return OptimizeResult(
-        x=at.x,
-        fun=fun_x,
-        nit=at.nit,
-        nfev=oracle.queries - start_queries,
-        success=success,
-        message=message,
-        best_x=best_x,
-        best_fun=best_fun,
-        history=history,
-        wall_seconds=time.perf_counter() - t0,
-    )
+
+    def _final_value(self, x: Array, default: float) -> float:
+        """f at the last iterate if the budget allows (it may be the best point)."""
+        if self.max_queries is not None and self.spent >= self.max_queries:
+            return default
+        try:
+            value = float(self.oracle(x))
+        except (BudgetExceeded, OracleError, KeyboardInterrupt):
+            return default
+        if value < self.best_fun or self.best_x is None:
+            self.best_fun, self.best_x = value, copy_of(x)
+        return value
+
+    def _call_back(self, est: Estimate, fun_k: float) -> bool:
+        at = self.at
+        state = OptimizeResult(
+            x=at.x,
+            fun=fun_k,
+            jac=est.grad,
+            nit=at.nit,
+            nfev=self.spent,
+            best_x=self.best_x,
+            best_fun=self.best_fun,
+        )
+        try:
+            answer = (
+                self.callback(intermediate_result=state)
+                if self.by_keyword
+                else self.callback(state)
+            )
+        except StopIteration:
+            return True
+        return answer is True
+
+
+def _takes_intermediate_result(callback: Callable[..., Any]) -> bool:
+    try:
+        return "intermediate_result" in inspect.signature(callback).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False

@@ -26,7 +26,7 @@ class OracleError(RuntimeError):
     """The user's function raised, or returned a non-finite or malformed value."""
 
 
-class _MalformedValues(OracleError):
+class _MalformedValues(OracleError, TypeError):
     """The function returned something that is not one real number per query."""
 
 
@@ -307,20 +307,33 @@ class BaseOracle:
 class FunctionOracle(BaseOracle):
     """An oracle around a Python callable (see :func:`as_oracle`)."""
 
-    def __init__(self, fn: Callable[..., Any], dim: int, *, batched: bool = False, **policy: Any):
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        dim: int,
+        *,
+        batched: bool = False,
+        workers: Callable[..., Any] | None = None,
+        **policy: Any,
+    ):
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {fn!r}")
+        if workers is not None and (batched or not callable(workers)):
+            raise ValueError("workers must be a map-like callable, and only without batched=True")
         super().__init__(dim, **policy)
         self.fn = fn
         self.batched = bool(batched)
+        #: a map-like callable evaluating the rows of a batch in parallel (``None``: in turn)
+        self.workers = workers
 
     def _evaluate(self, X: Array) -> Any:
         # the function gets copies: writing into its argument must not change our iterate
         if self.batched:
             return self.fn(copy_of(X))
+        rows = [copy_of(X[i]) for i in range(X.shape[0])]
+        results = map(self.fn, rows) if self.workers is None else self.workers(self.fn, rows)
         values = np.empty(X.shape[0])
-        for i in range(X.shape[0]):
-            v = self.fn(copy_of(X[i]))
+        for i, v in enumerate(results):
             values[i] = _real_values(v, 1, i, single=True)[0]
         return values
 
@@ -345,6 +358,10 @@ def _real_values(values: Any, n: int, first: int, single: bool = False) -> Any:
                 f"the function returned {values!r} for {where}; expected a number{hint}"
             )
         try:
+            if hasattr(values, "shape") and getattr(values, "ndim", 0) > 0:
+                if int(np.prod(values.shape)) != 1:  # a 1-element array is one number (scipy)
+                    raise ValueError(f"{int(np.prod(values.shape))} values for one point")
+                values = values.reshape(())
             return np.asarray([float(values)])
         except (TypeError, ValueError) as exc:
             raise _MalformedValues(

@@ -171,7 +171,7 @@ def zo_grasp_scores(
     if getattr(x, "ndim", None) != 1:
         raise ValueError(f"x must be a 1-D parameter vector, got shape {getattr(x, 'shape', x)}")
     oracle = oracle if isinstance(oracle, BaseOracle) else as_oracle(oracle, dim=int(x.shape[0]))
-    estimator = RGE(q=q, mu=mu)
+    estimator = RGE(q=q, mu=mu, mu_mode="absolute")  # the paper's formula (docs/sparsity.md)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     # Common random numbers: both estimates use the SAME directions u_i. Each ĝ alone carries
     # noise of order |∇f|·sqrt(d/q), which divided by μ would swamp H·g. With shared u_i the

@@ -264,7 +264,7 @@ class Trainer:
         if cfg.method == "fo":
             return Autograd()
         if cfg.method == "rge":
-            return ZO(RGE(q=cfg.rge_q, mu=cfg.mu))
+            return ZO(RGE(q=cfg.rge_q, mu=cfg.mu, mu_mode="absolute"))  # the paper's step μ·u
         estimator = CGE(mu=cfg.mu, scheme=cfg.scheme)
         if cfg.method == "deepzero":
             return ZO(estimator, coords=lambda iteration: self.mask.coords())

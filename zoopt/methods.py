@@ -1,0 +1,665 @@
+"""Optimization methods as query coroutines: one implementation for ``minimize`` and ask/tell.
+
+A method's run is a generator. It yields a :class:`~zoopt.estimators.QueryPlan` when it needs
+function values (the driver evaluates the plan's points and sends the ``(n,)`` values back)
+and an :class:`Iterate` when an iteration is complete (the driver counts it, runs callbacks,
+checks its limits, and may save :attr:`Iterate.state` to resume exactly). It returns a
+message when it has converged or cannot go on. :func:`zoopt.minimize` drives it with an
+oracle; :class:`zoopt.AskTell` hands the points out and takes the values back.
+
+Methods:
+
+* :class:`LBFGS` (the default of ``minimize``): limited-memory quasi-Newton on
+  finite-difference gradients, with a line search on function values only. Needs no
+  learning rate.
+* :class:`FixedStep`: any gradient source (RGE, CGE, sparse CGE; :mod:`zoopt.step`) and any
+  optimizer of :mod:`zoopt.optim` with its learning-rate schedule: ``x ← opt.step(x, ĝ)``.
+* :class:`SPSA`: simultaneous-perturbation stochastic approximation with Spall's decaying
+  gains, for noisy objectives.
+
+Every point a method queries lies inside ``bounds`` when bounds are given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ._array import Array, like, to_numpy
+from .estimators import Estimate, QueryPlan
+from .optim import Optimizer
+from .step import ZO, update
+
+#: float64 machine epsilon: sets the finite-difference steps
+EPS = float(np.finfo(np.float64).eps)
+#: relative step of forward differences (error ~ sqrt(eps)), as scipy's approx_derivative
+FORWARD_STEP = EPS**0.5
+#: relative step of central differences (error ~ eps^(2/3))
+CENTRAL_STEP = EPS ** (1 / 3)
+
+Run = Generator["QueryPlan | Iterate", Any, str]
+
+
+@dataclass(frozen=True)
+class Iterate:
+    """The end of one iteration.
+
+    Attributes:
+        x: the new iterate, shape ``(d,)``, of the caller's array type.
+        fun: f(x) if the method knows it (``None`` otherwise, e.g. after a fixed step).
+        estimate: the gradient estimate of this iteration (``jac`` of the result).
+        lr: the step size used (learning rate, or line-search step length).
+        state: everything needed to continue exactly from here (host arrays, numbers).
+    """
+
+    x: Array
+    fun: float | None
+    estimate: Estimate
+    lr: float
+    state: dict[str, Any] = field(repr=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Bounds
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Box:
+    """Box bounds ``lb <= x <= ub`` (host float64 arrays; ±inf where unbounded)."""
+
+    lb: np.ndarray
+    ub: np.ndarray
+
+    def project(self, x: np.ndarray) -> np.ndarray:
+        return np.clip(x, self.lb, self.ub)
+
+    @property
+    def bounded(self) -> bool:
+        return bool(np.any(np.isfinite(self.lb)) or np.any(np.isfinite(self.ub)))
+
+
+def as_box(bounds: Any, dim: int) -> Box | None:
+    """``bounds`` as a :class:`Box`: ``None``; a sequence of ``d`` ``(low, high)`` pairs
+    (``None`` for no bound), as scipy takes them; or anything with ``lb``/``ub`` arrays or
+    scalars (``scipy.optimize.Bounds``). Raises ``ValueError`` naming a bad entry."""
+    if bounds is None:
+        return None
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
+        lb = np.broadcast_to(np.asarray(bounds.lb, dtype=np.float64), (dim,)).copy()
+        ub = np.broadcast_to(np.asarray(bounds.ub, dtype=np.float64), (dim,)).copy()
+    else:
+        pairs = list(bounds)
+        if len(pairs) != dim:
+            raise ValueError(f"bounds has {len(pairs)} (low, high) pairs but x0 has {dim} entries")
+        lb, ub = np.empty(dim), np.empty(dim)
+        for i, pair in enumerate(pairs):
+            try:
+                low, high = pair
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"bounds[{i}] must be a (low, high) pair, got {pair!r}") from exc
+            lb[i] = -np.inf if low is None else float(low)
+            ub[i] = np.inf if high is None else float(high)
+    if np.any(np.isnan(lb)) or np.any(np.isnan(ub)):
+        bad = int(np.flatnonzero(np.isnan(lb) | np.isnan(ub))[0])
+        raise ValueError(f"bounds[{bad}] is NaN")
+    if np.any(lb > ub):
+        bad = int(np.flatnonzero(lb > ub)[0])
+        raise ValueError(f"bounds[{bad}] has low {lb[bad]} > high {ub[bad]}")
+    return Box(lb, ub)
+
+
+# ---------------------------------------------------------------------------------------
+# Plans of explicit points
+# ---------------------------------------------------------------------------------------
+def points_plan(points: np.ndarray, like_x: Array, kind: str = "values") -> QueryPlan:
+    """A plan that queries the given ``(n, d)`` points (host float64), as ``like_x``'s type."""
+    X = like(points, like_x)
+    return QueryPlan(
+        x=like(points[0], like_x),
+        n=int(points.shape[0]),
+        points=lambda a, b: X[a:b],
+        finish=_no_finish,
+        kind=kind,
+    )
+
+
+def _no_finish(values: Array) -> Estimate:  # pragma: no cover - drivers never call it
+    raise RuntimeError("this plan's values go back to its method, not through finish()")
+
+
+def fd_gradient_points(
+    x: np.ndarray, central: bool, box: Box | None, eps: float = EPS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The points of a finite-difference gradient at ``x`` (host float64, shape ``(d,)``).
+
+    Steps are relative, as in scipy's ``approx_derivative``: ``h_i = r · max(1, |x_i|)`` with
+    ``r = sqrt(eps)`` (forward, error ~1e-8) or ``eps^(1/3)`` (central, error ~1e-11 on
+    smooth functions). With bounds, a coordinate whose step would leave the box is
+    differenced one-sided towards the inside, so no point leaves the box. ``eps`` is the
+    machine epsilon of the points' dtype (float32 points need larger steps).
+
+    Returns ``(points, plus, minus)``: ``points`` ``(n, d)``; ``plus[i]``/``minus[i]`` are
+    the signed steps of coordinate ``i``'s two points (``minus[i] == 0`` for a one-sided
+    difference against f(x)). Forward: ``n = d``; central: ``n = 2d``.
+    """
+    d = x.shape[0]
+    r = eps ** (1 / 3) if central else eps**0.5  # eps: of the queried points' dtype
+    h = r * np.maximum(1.0, np.abs(x))
+    plus = h.copy()
+    minus = -h if central else np.zeros(d)
+    if box is not None:
+        up_ok = x + h <= box.ub
+        down_ok = x - h >= box.lb
+        if central:
+            both = up_ok & down_ok
+            plus = np.where(both, h, np.where(up_ok, h, -h))
+            minus = np.where(both, -h, 0.0)
+            room = np.where(up_ok | down_ok, 1.0, 0.0)  # a box thinner than 2h: its width
+            plus = np.where(room > 0, plus, _inside_step(x, box))
+        else:
+            plus = np.where(up_ok, h, np.where(down_ok, -h, _inside_step(x, box)))
+    rows = [x[None, :] + np.diag(plus)]
+    if central:
+        rows.append(x[None, :] + np.diag(minus))
+    points = np.concatenate(rows) if central else rows[0]
+    if box is not None:
+        points = box.project(points)  # no-op but for rounding at the bounds
+    return points, plus, minus
+
+
+def _inside_step(x: np.ndarray, box: Box) -> np.ndarray:
+    """For coordinates whose box is narrower than the step: the larger way in."""
+    up, down = box.ub - x, x - box.lb
+    return np.where(up >= down, up, -down)
+
+
+def fd_gradient(
+    values: np.ndarray, fx: float, plus: np.ndarray, minus: np.ndarray, central: bool
+) -> np.ndarray:
+    """The gradient from :func:`fd_gradient_points`' values (host float64)."""
+    d = plus.shape[0]
+    v_plus = values[:d]
+    if not central:
+        return (v_plus - fx) / np.where(plus != 0, plus, 1.0)
+    v_minus = values[d:]
+    two_sided = minus != 0
+    g = np.where(
+        two_sided,
+        (v_plus - v_minus) / np.where(two_sided, plus - minus, 1.0),
+        (v_plus - fx) / np.where(plus != 0, plus, 1.0),
+    )
+    return g
+
+
+# ---------------------------------------------------------------------------------------
+# L-BFGS on finite-difference gradients
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LBFGS:
+    """Limited-memory BFGS on zeroth-order gradients, with a values-only line search.
+
+    Per iteration: the direction ``p = −H ĝ`` from the last ``memory`` steps (two-loop
+    recursion; steepest descent when the memory is empty or ``p`` is not a descent
+    direction), a line search along ``p`` on function values alone (Armijo sufficient
+    decrease; quadratic interpolation to backtrack and to extrapolate, so an exact minimizer
+    along a quadratic costs one extra query), then a gradient estimate at the new point.
+
+    Gradients (``estimator=None``): finite differences with relative steps (see
+    :func:`fd_gradient_points`), forward (``d`` queries: f(x) is known from the line search)
+    while far from the optimum, and central (``2d`` queries) from the first time either the
+    line search finds no decrease or the gradient is small next to f's rounding
+    (``max|ĝ| < 1e-6 · max(1, |f(x)|)``): the point where forward differences' error
+    (~1e-8 relative) starts to matter. A line search that fails with central differences
+    and an empty memory ends the run: f cannot be decreased to the precision of the
+    differences (``converged``).
+
+    Costs per iteration: ``d`` (or ``2d``) queries for the gradient, plus the line search's
+    (usually 1–3). The initial step is ``min(1, 1/‖p‖)`` in the first iteration and after a
+    restart of the memory (a unit-length step), 1 afterwards. A non-finite value at a trial
+    point shrinks the step tenfold (divergence guard).
+
+    With ``restarts=True`` a converged run is restarted from the best point plus a random
+    perturbation while the budget lasts (basin hopping with scale ``restart_scale·max(1,
+    |x|)``, doubling after each restart that finds nothing better): useful on multimodal
+    functions when a budget is set, harmless otherwise (the best point is kept).
+
+    Args:
+        memory: number of (s, y) pairs kept (scipy's L-BFGS-B: 10).
+        estimator: a :class:`~zoopt.CGE` or :class:`~zoopt.RGE` to use instead of adaptive
+            finite differences (fixed μ; no switch to central differences).
+        c1: Armijo constant.
+        max_line_search: trial points per line search before it counts as failed.
+        gtol: stop when ``max|ĝ|`` (projected onto the box) is at most ``gtol``.
+        ftol: stop when an iteration decreases f by at most ``ftol · max(|f|, |f_new|, 1)``.
+        restarts: restart after convergence (see above).
+        restart_scale: initial relative size of a restart's perturbation.
+    """
+
+    memory: int = 10
+    estimator: Any = None
+    c1: float = 1e-4
+    max_line_search: int = 20
+    gtol: float = 0.0
+    ftol: float = 0.0
+    restarts: bool = False
+    restart_scale: float = 0.1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"memory must be an integer >= 1, got {self.memory!r}")
+        if not 0 < self.c1 < 0.5:
+            raise ValueError(f"c1 must be in (0, 0.5), got {self.c1!r}")
+        if self.max_line_search < 1:
+            raise ValueError(f"max_line_search must be >= 1, got {self.max_line_search!r}")
+        for name in ("gtol", "ftol"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.restart_scale > 0:
+            raise ValueError(f"restart_scale must be > 0, got {self.restart_scale!r}")
+
+    def run(
+        self,
+        x0: Array,
+        *,
+        rng: np.random.Generator,
+        box: Box | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> Run:
+        """The coroutine (see the module docstring); ``state``: an :attr:`Iterate.state`."""
+        like_x = x0
+        d = int(x0.shape[0])
+        if state is None:
+            x = to_numpy(x0).astype(np.float64)
+            if box is not None:
+                x = box.project(x)
+            values = yield points_plan(x[None, :], like_x)
+            fx = float(to_numpy(values)[0])
+            if not math.isfinite(fx):
+                return "f(x0) is not finite"
+            stalls = 0
+            central = False
+            g = yield from self._gradient(x, fx, central, box, like_x, rng)
+            if g is None:
+                return "the gradient estimate at x0 is not finite"
+            S: list[np.ndarray] = []
+            Y: list[np.ndarray] = []
+            alpha_prev, restart_sigma, best = 0.0, self.restart_scale, fx
+        else:
+            x = np.array(state["x"], dtype=np.float64)
+            fx, g = float(state["fx"]), np.array(state["g"], dtype=np.float64)
+            central = bool(state["central"])
+            S = [np.array(s, dtype=np.float64) for s in state["S"]]
+            Y = [np.array(y, dtype=np.float64) for y in state["Y"]]
+            alpha_prev = float(state["alpha"])
+            restart_sigma, best = float(state["restart_sigma"]), float(state["best"])
+            stalls = int(state.get("stalls", 0))
+            if state.get("stop"):  # it had converged at that iteration
+                return str(state["stop"])
+        if g.shape != (d,):  # pragma: no cover - guarded by the driver
+            raise ValueError(f"state gradient has shape {g.shape}, expected ({d},)")
+
+        while True:
+            free = _free(x, g, box)
+            pg = np.where(free, g, 0.0)
+            if self.gtol and np.max(np.abs(pg), initial=0.0) <= self.gtol:
+                return f"converged: max|projected gradient| <= gtol={self.gtol}"
+            if not central and np.max(np.abs(pg), initial=0.0) < 1e-6 * max(1.0, abs(fx)):
+                central = True  # forward differences' error is about to dominate
+                g = yield from self._gradient(x, fx, central, box, like_x, rng)
+                if g is None:
+                    return "the gradient estimate is not finite"
+                continue
+            p = -_two_loop(pg, S, Y)
+            p = np.where(free, p, 0.0)
+            if not np.dot(p, pg) < 0:  # not a descent direction: forget the curvature
+                S, Y = [], []
+                p = -pg
+            pnorm = float(np.linalg.norm(p))
+            if pnorm == 0.0:
+                stop = "converged: the projected gradient estimate is zero"
+                if self.restarts:
+                    x, fx, g, restart_sigma, best = yield from self._restart(
+                        x, fx, best, restart_sigma, box, like_x, rng, d
+                    )
+                    S, Y, central = [], [], False
+                    continue
+                return stop
+            alpha0 = 1.0 if S else min(1.0, 1.0 / pnorm)
+            found = yield from self._line_search(x, fx, pg, p, alpha0, box, like_x)
+            if found is None:
+                if S or not central:
+                    # retry from here with central differences and no memory
+                    S, Y, central = [], [], True
+                    g = yield from self._gradient(x, fx, central, box, like_x, rng)
+                    if g is None:
+                        return "the gradient estimate is not finite"
+                    continue
+                stop = "converged: no decrease along the gradient estimate (precision reached)"
+                if self.restarts:
+                    x, fx, g, restart_sigma, best = yield from self._restart(
+                        x, fx, best, restart_sigma, box, like_x, rng, d
+                    )
+                    S, Y, central = [], [], False
+                    continue
+                return stop
+            alpha, x_new, f_new = found
+            g_new = yield from self._gradient(x_new, f_new, central, box, like_x, rng)
+            if g_new is None:
+                return "the gradient estimate is not finite"
+            s, y = x_new - x, g_new - g
+            sy = float(np.dot(s, y))
+            if sy > 1e-10 * float(np.linalg.norm(s)) * float(np.linalg.norm(y)):
+                S.append(s)
+                Y.append(y)
+                if len(S) > self.memory:
+                    S.pop(0)
+                    Y.pop(0)
+            decrease = fx - f_new
+            stop = None
+            # in central mode, decreases at the rounding level of f are noise: three in a
+            # row end the run (f cannot be decreased to the precision of its values)
+            tiny = decrease <= 8 * self._value_eps(like_x) * max(abs(fx), abs(f_new), 1.0)
+            stalls = stalls + 1 if central and tiny else 0
+            if stalls >= 3 and not self.restarts:
+                stop = "converged: f decreases only at the rounding level of its values"
+            if self.ftol and decrease <= self.ftol * max(abs(fx), abs(f_new), 1.0):
+                stop = f"converged: relative decrease of f <= ftol={self.ftol}"
+                if self.restarts:
+                    stop = None  # keep going: the restart happens at the next failed search
+            x, fx, g, alpha_prev = x_new, f_new, g_new, alpha
+            best = min(best, fx)
+            yield Iterate(
+                x=like(x, like_x),
+                fun=fx,
+                estimate=Estimate(grad=like(g, like_x), fx=fx, queries=0),
+                lr=alpha,
+                state={
+                    "x": x.copy(),
+                    "fx": fx,
+                    "g": g.copy(),
+                    "central": central,
+                    "S": [a.copy() for a in S],
+                    "Y": [a.copy() for a in Y],
+                    "alpha": alpha_prev,
+                    "restart_sigma": restart_sigma,
+                    "best": best,
+                    "stop": stop,
+                    "stalls": stalls,
+                },
+            )
+            if stop:
+                return stop
+
+    # -- pieces ----------------------------------------------------------------------
+    @staticmethod
+    def _value_eps(like_x: Array) -> float:
+        """Relative rounding of f's values: float32 points usually give float32 values."""
+        return float(np.finfo(to_numpy(like_x[:1]).dtype).eps)
+
+    def _gradient(
+        self,
+        x: np.ndarray,
+        fx: float,
+        central: bool,
+        box: Box | None,
+        like_x: Array,
+        rng: np.random.Generator,
+    ) -> Generator[QueryPlan, Any, np.ndarray | None]:
+        if self.estimator is not None:
+            plan = ZO(self.estimator).plan(like(x, like_x), rng=rng, fx=fx)
+            if box is not None:
+                plan = projected(plan, box, like_x)
+            values = yield plan
+            g = to_numpy(plan.finish(values).grad).astype(np.float64)
+        else:
+            eps = float(np.finfo(to_numpy(like_x[:1]).dtype).eps)
+            points, plus, minus = fd_gradient_points(x, central, box, eps)
+            # the steps as they will be represented in the queried points' dtype
+            plus = to_numpy(like(x + plus, like_x)).astype(np.float64) - x
+            if central:
+                minus = to_numpy(like(x + minus, like_x)).astype(np.float64) - x
+            values = yield points_plan(points, like_x, kind="gradient")
+            g = fd_gradient(to_numpy(values).astype(np.float64), fx, plus, minus, central)
+        return g if np.all(np.isfinite(g)) else None
+
+    def _line_search(
+        self,
+        x: np.ndarray,
+        fx: float,
+        g: np.ndarray,
+        p: np.ndarray,
+        alpha0: float,
+        box: Box | None,
+        like_x: Array,
+    ) -> Generator[QueryPlan, Any, tuple[float, np.ndarray, float] | None]:
+        """Armijo line search on values; returns (α, x_new, f_new) or None (no decrease)."""
+        gp = float(np.dot(g, p))
+        best: tuple[float, np.ndarray, float] | None = None
+        alpha = alpha0
+        extrapolating = False
+        for _ in range(self.max_line_search):
+            x_try = x + alpha * p if box is None else box.project(x + alpha * p)
+            step = x_try - x
+            if not np.any(step):  # the step vanished in rounding (or into a bound)
+                break
+            values = yield points_plan(x_try[None, :], like_x)
+            f_try = float(to_numpy(values)[0])
+            if not math.isfinite(f_try):  # divergence guard
+                if best is not None:
+                    break
+                alpha *= 0.1
+                continue
+            armijo = f_try <= fx + self.c1 * float(np.dot(g, step))
+            if armijo and (best is None or f_try < best[2]):
+                best = (alpha, x_try, f_try)
+            elif best is not None:
+                break  # extrapolation or refinement went too far: keep the best
+            # quadratic model of f along p through f(x), g·p and f(x + αp)
+            curvature = (f_try - fx - gp * alpha) / alpha**2
+            if armijo:
+                target = -gp / (2 * curvature) if curvature > 0 else 4 * alpha
+                if target > 2 * alpha and not (box is not None and np.any(step != alpha * p)):
+                    alpha, extrapolating = min(target, 10 * alpha), True
+                    continue
+                if not extrapolating and curvature > 0 and target < 0.5 * alpha:
+                    alpha = target  # the minimum along p is well short of α: one more query
+                    continue
+                break
+            if best is not None:
+                break
+            target = -gp / (2 * curvature) if curvature > 0 else 0.1 * alpha
+            alpha = min(max(target, 0.1 * alpha), 0.5 * alpha)
+        return best
+
+    def _restart(
+        self,
+        x: np.ndarray,
+        fx: float,
+        best: float,
+        sigma: float,
+        box: Box | None,
+        like_x: Array,
+        rng: np.random.Generator,
+        d: int,
+    ) -> Generator[QueryPlan, Any, tuple[np.ndarray, float, np.ndarray, float, float]]:
+        """A new start near the best point (the driver keeps the best point seen)."""
+        improved = fx < best - 1e-12 * max(1.0, abs(best))
+        sigma = self.restart_scale if improved else 2 * sigma
+        best = min(best, fx)
+        scale = sigma * max(1.0, float(np.mean(np.abs(x))))
+        while True:
+            x_new = x + scale * rng.standard_normal(d)
+            if box is not None:
+                x_new = box.project(x_new)
+            values = yield points_plan(x_new[None, :], like_x)
+            f_new = float(to_numpy(values)[0])
+            if math.isfinite(f_new):
+                break
+            scale *= 0.5
+        g = yield from self._gradient(x_new, f_new, False, box, like_x, rng)
+        if g is None:
+            g = np.zeros(d)
+        return x_new, f_new, g, sigma, best
+
+
+def _free(x: np.ndarray, g: np.ndarray, box: Box | None) -> np.ndarray:
+    """Coordinates free to move: not at a bound that the gradient pushes against."""
+    if box is None:
+        return np.ones(x.shape[0], dtype=bool)
+    at_low = (x <= box.lb) & (g > 0)
+    at_high = (x >= box.ub) & (g < 0)
+    return ~(at_low | at_high)
+
+
+def _two_loop(g: np.ndarray, S: Sequence[np.ndarray], Y: Sequence[np.ndarray]) -> np.ndarray:
+    """H·g by the L-BFGS two-loop recursion (H0 = γI, γ = s·y / y·y of the newest pair)."""
+    q = g.copy()
+    rhos = [1.0 / float(np.dot(y, s)) for s, y in zip(S, Y, strict=True)]
+    alphas = []
+    for s, y, rho in zip(reversed(S), reversed(Y), reversed(rhos), strict=True):
+        a = rho * float(np.dot(s, q))
+        alphas.append(a)
+        q -= a * y
+    if S:
+        q *= float(np.dot(S[-1], Y[-1])) / float(np.dot(Y[-1], Y[-1]))
+    for (s, y, rho), a in zip(zip(S, Y, rhos, strict=True), reversed(alphas), strict=True):
+        b = rho * float(np.dot(y, q))
+        q += (a - b) * s
+    return q
+
+
+# ---------------------------------------------------------------------------------------
+# Fixed step: a gradient source and an optimizer
+# ---------------------------------------------------------------------------------------
+def projected(plan: QueryPlan, box: Box, like_x: Array) -> QueryPlan:
+    """``plan`` with every point projected onto ``box`` (no coordinate fast path: the
+    projection must see every point). Differences then see the projected steps, which is
+    the projected-gradient estimate at the bounds."""
+
+    def points(a: int, b: int) -> Array:
+        return like(box.project(to_numpy(plan.points(a, b)).astype(np.float64)), like_x)
+
+    return QueryPlan(x=plan.x, n=plan.n, points=points, finish=plan.finish, kind=plan.kind)
+
+
+@dataclass
+class FixedStep:
+    """``x ← optimizer.step(x, ĝ)`` with ``ĝ`` from a gradient source (:class:`~zoopt.step.ZO`).
+
+    One plan per iteration (the source's queries); the new iterate is projected onto the box.
+    A non-finite value ends the run (the step it would give is meaningless).
+    """
+
+    source: ZO
+    optimizer: Optimizer
+
+    def run(
+        self,
+        x0: Array,
+        *,
+        rng: np.random.Generator,
+        box: Box | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> Run:
+        x = x0
+        if box is not None:
+            x = like(box.project(to_numpy(x).astype(np.float64)), x0)
+        t = 0 if state is None else int(state["nit"])
+        while True:
+            plan = self.source.plan(x, rng=rng, iteration=t)
+            if box is not None:
+                plan = projected(plan, box, x0)
+            values = yield plan
+            if not np.all(np.isfinite(to_numpy(values))):
+                return "a queried value was non-finite; stopped"
+            est = plan.finish(values)
+            lr = self.optimizer.current_lr()
+            x = update(self.optimizer, x, est)
+            if box is not None:
+                x = like(box.project(to_numpy(x).astype(np.float64)), x0)
+            t += 1
+            yield Iterate(x=x, fun=None, estimate=est, lr=lr, state={"nit": t})
+
+
+# ---------------------------------------------------------------------------------------
+# SPSA: noisy objectives
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SPSA:
+    """Simultaneous-perturbation stochastic approximation (Spall 1998), for noisy f.
+
+    Per iteration ``k``: ``q`` Rademacher directions ``Δ``, values ``f(x ± c_k Δ)``
+    (``2q`` queries), ``ĝ = mean[(f₊ − f₋) / (2 c_k)] Δ``, ``x ← x − a_k ĝ``, with Spall's
+    gains ``a_k = a / (k + 1 + A)^0.602`` and ``c_k = c / (k + 1)^0.101``: the decay that
+    averages noise out. ``A = 0.1 · maxiter`` (10 when unknown); ``a`` is set from the first
+    estimate so that the first step moves each coordinate by about ``step0`` on average.
+
+    Args:
+        c: initial perturbation size (about the noise's standard deviation in x units; 0.1).
+        step0: target size of the first step per coordinate (0.1).
+        q: perturbations averaged per iteration.
+        A: stability constant (``None``: 10).
+    """
+
+    c: float = 0.1
+    step0: float = 0.1
+    q: int = 1
+    A: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("c", "step0"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if isinstance(self.q, bool) or not isinstance(self.q, int) or self.q < 1:
+            raise ValueError(f"q must be an integer >= 1, got {self.q!r}")
+
+    def run(
+        self,
+        x0: Array,
+        *,
+        rng: np.random.Generator,
+        box: Box | None = None,
+        state: dict[str, Any] | None = None,
+    ) -> Run:
+        like_x = x0
+        x = to_numpy(x0).astype(np.float64)
+        if box is not None:
+            x = box.project(x)
+        A = 10.0 if self.A is None else float(self.A)
+        k, a = (0, None) if state is None else (int(state["nit"]), state["a"])
+        if state is not None:
+            x = np.array(state["x"], dtype=np.float64)
+        d = x.shape[0]
+        while True:
+            ck = self.c / (k + 1) ** 0.101
+            delta = rng.integers(0, 2, size=(self.q, d)).astype(np.float64) * 2 - 1
+            plus, minus = x + ck * delta, x - ck * delta
+            if box is not None:
+                plus, minus = box.project(plus), box.project(minus)
+            values = yield points_plan(np.concatenate([plus, minus]), like_x, kind="gradient")
+            v = to_numpy(values).astype(np.float64)
+            if not np.all(np.isfinite(v)):
+                return "a queried value was non-finite; stopped"
+            widths = np.einsum("qd,qd->q", plus - minus, delta) / d  # 2c_k without bounds
+            widths = np.where(widths > 0, widths, 2 * ck)
+            g = np.mean(((v[: self.q] - v[self.q :]) / widths)[:, None] * delta, axis=0)
+            if a is None:
+                first = float(np.mean(np.abs(g)))
+                a = self.step0 * (A + 1) ** 0.602 / first if first > 0 else self.step0
+            ak = a / (k + 1 + A) ** 0.602
+            x = x - ak * g
+            if box is not None:
+                x = box.project(x)
+            k += 1
+            yield Iterate(
+                x=like(x, like_x),
+                fun=None,
+                estimate=Estimate(grad=like(g, like_x), fx=None, queries=2 * self.q),
+                lr=ak,
+                state={"nit": k, "a": a, "x": x.copy()},
+            )
