@@ -3,8 +3,11 @@
 Import-light: the submodules load on first use, so ``import oracles`` costs nothing and the
 HTTP client (:mod:`oracles.classifier`) never imports torch.
 
-- :mod:`oracles.classifier`: ``ClassifierAPI``, ``LocalClassifier``, ``HTTPClassifier``.
-- :mod:`oracles.http_service`: ``make_server`` and the ``serve-classifier`` command.
+- :mod:`oracles.classifier`: ``ClassifierAPI``, ``LocalClassifier``, ``HTTPClassifier`` (a
+  client of any Open Inference Protocol / KServe V2 server).
+- :mod:`oracles.http_service`: ``make_server`` (our Open Inference Protocol server, Starlette
+  on uvicorn) and the ``serve-classifier`` command.
+- :mod:`oracles.open_inference`: the protocol's tensor encoding (JSON and binary).
 - :mod:`oracles.resnet`: torchvision-compatible ResNets, ``load_weights``.
 - :mod:`oracles.dncnn`: the DnCNN denoiser.
 """

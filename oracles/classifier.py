@@ -3,28 +3,28 @@
 The black-box defense (DeepZero Table 2; denoised smoothing, Salman et al. 2020) only ever
 *queries* the classifier owner's model. :class:`ClassifierAPI` is that contract:
 ``predict(images (n, C, H, W) float32) -> logits (n, K) float32``, with ``.queries`` the
-number of images sent so far. Two backends:
+number of images answered so far. Two backends:
 
 - :class:`LocalClassifier`: a torch module in this process (eval mode, no grad).
-- :class:`HTTPClassifier`: a remote service (:mod:`oracles.http_service`), standard library
-  only, with retries and exponential backoff on transient failures.
+- :class:`HTTPClassifier`: any server that speaks the Open Inference Protocol (KServe V2:
+  Triton, KServe, MLServer, TorchServe's KServe mode, OpenVINO Model Server, or our own
+  :mod:`oracles.http_service`), over ``httpx`` with pooling, timeouts and retries.
 
 Both split large requests into batches of at most ``max_batch`` images and can enforce a
-query budget (``max_queries``, raising :class:`zoopt.oracle.BudgetExceeded` before sending).
+query budget (``max_queries``): the images of a call are reserved under a lock before
+anything is sent, so the budget holds exactly when many threads share one client.
 
-The wire format is one ``.npy`` array per body (:func:`encode_npy` / :func:`decode_npy`);
-decoding parses the header ourselves and never unpickles. This module imports numpy only;
-torch is imported when a :class:`LocalClassifier` is built.
+This module imports numpy only at import time; httpx is imported when an HTTPClassifier is
+built, torch when a LocalClassifier is.
 """
 
 from __future__ import annotations
 
-import http.client
-import io
+import concurrent.futures
+import email.utils
 import ipaddress
-import json
 import math
-import socket
+import re
 import threading
 import time
 import urllib.parse
@@ -34,14 +34,26 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from zoopt.oracle import BudgetExceeded
+from zoopt.oracle import BudgetExceeded, OracleError
 
-#: Largest .npy header we parse (numpy's own default limit).
-MAX_NPY_HEADER_BYTES = 10_000
-#: HTTP statuses worth retrying: the gateway or the service is momentarily unavailable.
-TRANSIENT_STATUSES = frozenset({502, 503, 504})
+from .open_inference import (
+    DATATYPES,
+    HEADER_LENGTH,
+    ProtocolError,
+    decode_tensor,
+    encode_message,
+    encode_tensors,
+    parse_header_length,
+    split_body,
+)
+
+#: HTTP statuses worth retrying: rate-limited, or the gateway or service momentarily down.
+TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
 #: Cap on a server's ``Retry-After`` that we honour (seconds).
 MAX_RETRY_AFTER_S = 60.0
+#: Input datatypes the client can send (images are cast from float32).
+INPUT_DATATYPES = ("FP32", "FP16", "FP64")
+_MODEL_URL = re.compile(r"^(?P<root>.*?)/v2/models/(?P<model>[^/]+)/?$")
 
 
 # -- errors -------------------------------------------------------------------------------
@@ -58,19 +70,19 @@ class ClassifierAuthError(ClassifierAPIError, PermissionError):
 
 
 class ClassifierRequestError(ClassifierAPIError, ValueError):
-    """The service rejected the request (400/413); the message is the server's."""
+    """The service rejected the request (4xx); the message is the server's."""
 
 
 class ClassifierUnavailable(ClassifierAPIError, ConnectionError):
-    """Transient failures (connection errors, 502/503/504) persisted through all retries."""
+    """Transient failures (connection errors, 429/502/503/504) persisted through all retries."""
 
 
 class ClassifierTimeout(ClassifierAPIError, TimeoutError):
     """The service did not answer within ``timeout`` seconds."""
 
 
-class NpyFormatError(ValueError):
-    """A body is not one well-formed, non-object ``.npy`` array."""
+class NonFiniteLogits(ClassifierAPIError, OracleError):
+    """The service returned NaN or infinite logits (``on_nonfinite="raise"``)."""
 
 
 # -- the protocol -------------------------------------------------------------------------
@@ -83,59 +95,6 @@ class ClassifierAPI(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Logits ``(n, K)`` float32 for images ``(n, C, H, W)`` float32."""
         ...
-
-
-# -- wire format --------------------------------------------------------------------------
-def encode_npy(array: np.ndarray) -> bytes:
-    """``array`` as the bytes of a ``.npy`` file (``np.save``, pickling disabled)."""
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(array), allow_pickle=False)
-    return buffer.getvalue()
-
-
-def decode_npy(body: bytes | bytearray | memoryview) -> np.ndarray:
-    """The array in a ``.npy`` body, read without ever unpickling.
-
-    We parse the header ourselves and check that the data length matches the declared
-    shape and dtype *before* allocating, so a lying header can't make us allocate memory.
-    The result is read-only and views ``body``.
-
-    Raises:
-        NpyFormatError: bad magic, unsupported version, malformed header, object dtype,
-            or a data length that doesn't match the header (truncated or trailing bytes).
-    """
-    stream = io.BytesIO(body)
-    try:
-        version = np.lib.format.read_magic(stream)
-    except ValueError as exc:
-        raise NpyFormatError(f"body is not a .npy array ({exc})") from exc
-    readers = {
-        (1, 0): np.lib.format.read_array_header_1_0,
-        (2, 0): np.lib.format.read_array_header_2_0,
-    }
-    if version not in readers:
-        raise NpyFormatError(f"unsupported .npy format version {version}; use np.save")
-    try:
-        shape, fortran_order, dtype = readers[version](stream, max_header_size=MAX_NPY_HEADER_BYTES)
-    except ValueError as exc:
-        raise NpyFormatError(f"malformed .npy header ({exc})") from exc
-    if dtype.hasobject:
-        raise NpyFormatError(
-            f"object arrays are not accepted (dtype {dtype}); they would need unpickling"
-        )
-    if any(s < 0 for s in shape):
-        raise NpyFormatError(f"negative dimension in .npy shape {shape}")
-    count = math.prod(shape)
-    offset = stream.tell()
-    expected_bytes = count * dtype.itemsize
-    actual_bytes = len(body) - offset
-    if actual_bytes != expected_bytes:
-        raise NpyFormatError(
-            f".npy data is {actual_bytes} bytes but shape {shape} of dtype {dtype} needs "
-            f"{expected_bytes} ({'truncated' if actual_bytes < expected_bytes else 'trailing bytes'})"
-        )
-    flat = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
-    return flat.reshape(shape[::-1]).T if fortran_order else flat.reshape(shape)
 
 
 def check_images(
@@ -194,7 +153,10 @@ class BatchingClassifier:
     """Splits requests into batches of at most ``max_batch``, counts queries, checks a budget.
 
     Subclasses implement ``_predict_batch(images (m, C, H, W) float32) -> (m, K) float32``.
-    ``queries`` counts images whose logits came back.
+    ``queries`` counts images whose logits came back. With ``max_queries`` a call reserves its
+    ``n`` images under a lock before sending anything and raises
+    :class:`~zoopt.oracle.BudgetExceeded` if spent + reserved + n would exceed the budget, so
+    concurrent callers can never overspend it.
     """
 
     def __init__(
@@ -206,7 +168,9 @@ class BatchingClassifier:
     ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if max_queries is not None and (not isinstance(max_queries, int) or max_queries < 0):
+        if max_queries is not None and (
+            isinstance(max_queries, bool) or not isinstance(max_queries, int) or max_queries < 0
+        ):
             raise ValueError(
                 f"max_queries must be a non-negative integer or None, got {max_queries!r}"
             )
@@ -221,25 +185,54 @@ class BatchingClassifier:
         self.max_queries = max_queries
         self.num_classes: int | None = None
         self.queries = 0
+        self._reserved = 0  # images of calls in progress, counted against the budget
         self._count_lock = threading.Lock()
 
     def _predict_batch(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _prepare(self) -> None:
+        """Hook run before a call's images are checked (e.g. to learn the input shape)."""
+
+    def _map_batches(
+        self, fn: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """``[fn(b) for b in batches]``; a subclass may run them concurrently (all must have
+        finished when this returns or raises)."""
+        return [fn(batch) for batch in batches]
+
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Logits ``(n, K)`` float32 for images ``(n, C, H, W)`` float32; costs n queries."""
+        self._prepare()
         images = check_images(images, input_shape=self.input_shape)
         n = images.shape[0]
-        if self.max_queries is not None and self.queries + n > self.max_queries:
-            raise BudgetExceeded(self.queries, self.max_queries, None, math.inf)
-        parts = []
-        for start in range(0, n, self.max_batch):
-            batch = images[start : start + self.max_batch]
+        with self._count_lock:  # check and reserve together: exact under concurrency
+            if (
+                self.max_queries is not None
+                and self.queries + self._reserved + n > self.max_queries
+            ):
+                raise BudgetExceeded(
+                    self.queries + self._reserved, self.max_queries, None, math.inf
+                )
+            self._reserved += n
+        answered = 0
+
+        def one(batch: np.ndarray) -> np.ndarray:
+            nonlocal answered
             logits = self._predict_batch(batch)
-            self._check_logits(logits, batch.shape[0])
             with self._count_lock:
+                self._check_logits(logits, batch.shape[0])
                 self.queries += batch.shape[0]
-            parts.append(logits)
+                self._reserved -= batch.shape[0]
+                answered += batch.shape[0]
+            return logits
+
+        try:
+            batches = [images[s : s + self.max_batch] for s in range(0, n, self.max_batch)]
+            parts = self._map_batches(one, batches)
+        finally:
+            with self._count_lock:
+                self._reserved -= n - answered
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _check_logits(self, logits: Any, rows: int) -> None:
@@ -271,7 +264,7 @@ class LocalClassifier(BatchingClassifier):
         max_batch: largest batch handed to the module at once.
         input_shape: the expected ``(C, H, W)``, checked on every call if given.
         max_queries: query budget (images); None for unlimited.
-        name: model name reported by the service's ``/health``.
+        name: the model's name; our server serves it as ``/v2/models/{name}``.
     """
 
     def __init__(
@@ -296,7 +289,7 @@ class LocalClassifier(BatchingClassifier):
 
     @property
     def info(self) -> dict[str, Any]:
-        """Model description for ``/health`` (no weights, nothing secret)."""
+        """Model description (no weights, nothing secret)."""
         return {
             "backend": "torch",
             "name": self.name,
@@ -320,27 +313,46 @@ class LocalClassifier(BatchingClassifier):
 
 # -- HTTP backend -------------------------------------------------------------------------
 class HTTPClassifier(BatchingClassifier):
-    """A remote classifier service (:mod:`oracles.http_service`) over HTTP(S), stdlib only.
+    """A remote classifier behind any Open Inference Protocol (KServe V2) server, over httpx.
 
-    Each batch is one ``POST {url}/predict`` with a ``.npy`` body; the response is a ``.npy``
-    of float32 logits. One keep-alive connection is reused (calls are serialised by a lock).
+    Each batch is one ``POST {root}/v2/models/{model}/infer``: images as the model's input
+    tensor (binary tensor data extension by default, else JSON ``data``), logits read from
+    the output tensor, in either encoding. Names, datatype and input shape not given as
+    arguments come from ``GET /v2/models/{model}`` on first use.
 
     Args:
-        url: service root, e.g. ``"http://127.0.0.1:8000"`` (http or https only).
+        url: server root (``"http://127.0.0.1:8000"``) or a model URL
+            (``"http://host:8000/v2/models/resnet50"``, which sets ``model``); http(s) only.
         token: bearer token, sent as ``Authorization: Bearer <token>``.
-        timeout: seconds for each socket operation (connect, send, each read).
-        retries: extra attempts after the first on connection errors and 502/503/504
+        timeout: seconds for each phase of a request (connect, write, each read); finite.
+        retries: extra attempts after the first on connection errors and 429/502/503/504
             (so at most ``retries + 1`` requests per batch). Timeouts are not retried: a slow
             service would only get slower under repeated heavy requests.
         backoff: the delay before retry k (0-based) is ``backoff * 2**k`` seconds, or the
-            server's ``Retry-After`` if longer (capped at 60 s).
+            server's ``Retry-After`` (seconds or an HTTP date) if longer, capped at 60 s.
         max_batch: largest number of images per request.
-        input_shape, max_queries: as in :class:`BatchingClassifier`.
+        model: model name; default from ``url``, else the only model that
+            ``POST /v2/repository/index`` lists.
+        input_name, output_name: tensor names; default the model's only input / output.
+        datatype: input datatype (``"FP32"``, ``"FP16"`` or ``"FP64"``; images are cast);
+            default the metadata's.
+        binary: send and ask for binary tensors (``True``), or JSON ``data`` (``False``);
+            ``None``: binary if the server lists the ``binary_tensor_data`` extension in
+            ``GET /v2`` (Triton and our server do; MLServer 1.7 does not), else JSON.
+        input_shape: expected ``(C, H, W)``; default the metadata's ``[-1, C, H, W]`` when
+            fully known.
+        max_queries: query budget (images), exact under concurrency; None for unlimited.
+        on_nonfinite: ``"raise"`` (:class:`NonFiniteLogits` naming the first bad logit) or
+            ``"inf"`` (record ``+inf`` for each NaN/inf logit), as in :mod:`zoopt.oracle`.
+        max_in_flight: batches of one ``predict`` call sent concurrently (each on its own
+            pooled connection) to keep a remote server busy.
+        verify: TLS verification for https (``httpx``'s ``verify``).
 
     Attributes:
         queries: images whose logits came back. The server may count more: a request whose
             response is lost and then retried is served twice.
-        requests: HTTP requests attempted, retries and failed connections included.
+        requests: inference requests attempted (the ones that carry images), retries and
+            failed connections included; metadata and health requests are not counted.
     """
 
     def __init__(
@@ -352,156 +364,343 @@ class HTTPClassifier(BatchingClassifier):
         backoff: float = 0.5,
         max_batch: int = 256,
         *,
+        model: str | None = None,
+        input_name: str | None = None,
+        output_name: str | None = None,
+        datatype: str | None = None,
+        binary: bool | None = None,
         input_shape: Sequence[int] | None = None,
         max_queries: int | None = None,
+        on_nonfinite: str = "raise",
+        max_in_flight: int = 1,
+        verify: Any = True,
     ):
         super().__init__(max_batch, input_shape=input_shape, max_queries=max_queries)
+        if not isinstance(url, str):
+            raise ValueError(f"url must be a string, got {url!r}")
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url must be http(s)://host[:port][/prefix], got {url!r}")
-        if not (isinstance(timeout, int | float) and timeout > 0):
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if parts.query or parts.fragment:
+            raise ValueError(f"url must not have a query or fragment, got {url!r}")
+        if not _finite_number(timeout) or timeout <= 0:
+            raise ValueError(
+                f"timeout must be a positive finite number of seconds, got {timeout!r}"
+            )
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-        if not (isinstance(backoff, int | float) and backoff >= 0):
-            raise ValueError(f"backoff must be a non-negative number of seconds, got {backoff!r}")
+        if not _finite_number(backoff) or backoff < 0:
+            raise ValueError(
+                f"backoff must be a non-negative finite number of seconds, got {backoff!r}"
+            )
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string or None")
+        if (
+            isinstance(max_in_flight, bool)
+            or not isinstance(max_in_flight, int)
+            or max_in_flight < 1
+        ):
+            raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
+        if on_nonfinite not in ("raise", "inf"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'inf', got {on_nonfinite!r}")
+        if binary is not None and not isinstance(binary, bool):
+            raise ValueError(f"binary must be True, False or None, got {binary!r}")
+        if datatype is not None and datatype not in INPUT_DATATYPES:
+            raise ValueError(
+                f"datatype must be one of {', '.join(INPUT_DATATYPES)}, got {datatype!r}"
+            )
+        for label, value in (
+            ("model", model),
+            ("input_name", input_name),
+            ("output_name", output_name),
+        ):
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{label} must be a non-empty string or None, got {value!r}")
+        root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
+        found = _MODEL_URL.match(root)
+        if found:
+            if model is not None and model != urllib.parse.unquote(found["model"]):
+                raise ValueError(f"model={model!r} disagrees with the model in url {url!r}")
+            root, model = found["root"], urllib.parse.unquote(found["model"])
         if token and parts.scheme == "http" and not is_loopback_host(parts.hostname):
             warnings.warn(
                 f"sending a bearer token in clear text to {parts.hostname}; use https",
                 stacklevel=2,
             )
-        self.url = url.rstrip("/")
-        self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
-        self._prefix = parts.path.rstrip("/")
+        import httpx
+
+        self._httpx = httpx
+        self.url = root
         self.token = token
         self.timeout = float(timeout)
         self.retries = retries
         self.backoff = float(backoff)
+        self.model = model
+        self.input_name = input_name
+        self.output_name = output_name
+        self.datatype = datatype
+        self.binary = binary
+        self.on_nonfinite = on_nonfinite
+        self.max_in_flight = max_in_flight
         self.requests = 0
-        self._connection: http.client.HTTPConnection | None = None
-        self._connection_lock = threading.Lock()
+        self._metadata: dict[str, Any] | None = None
+        self._metadata_lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(
+            headers=headers,
+            # Each phase bounded; waiting for a pooled connection is not (threads queue).
+            timeout=httpx.Timeout(self.timeout, pool=None),
+            limits=httpx.Limits(
+                max_connections=max(4, max_in_flight),
+                max_keepalive_connections=max(4, max_in_flight),
+            ),
+            trust_env=False,  # no proxies or netrc credentials picked up from the environment
+            follow_redirects=False,
+            verify=verify,
+        )
 
     # -- public ---------------------------------------------------------------------------
-    def health(self) -> dict[str, Any]:
-        """The service's ``GET /health`` JSON (model info, input shape, classes, queries)."""
-        status, _, body = self._request("GET", "/health", None, {})
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise ClassifierAPIError(f"{self.url}/health returned invalid JSON", status) from exc
+    def metadata(self) -> dict[str, Any]:
+        """The model's metadata (``GET /v2/models/{model}``), fetched once; fills in the
+        model, tensor names, datatype and input shape not given to the constructor."""
+        with self._metadata_lock:
+            if self._metadata is None:
+                self._metadata = self._resolve()
+            return self._metadata
+
+    def ready(self) -> bool:
+        """Whether the server and the model answer ready (``/v2/health/ready`` and
+        ``/v2/models/{model}/ready``): False on a 4xx/5xx answer, raises when unreachable."""
+        for path in ("/v2/health/ready", None):
+            if path is None:
+                self.metadata()
+                path = f"{self._model_path()}/ready"
+            try:
+                self._request("GET", path, None, {}, retries=0)
+            except ClassifierAuthError:
+                raise
+            except ClassifierAPIError as exc:
+                if exc.status is None:
+                    raise
+                return False
+        return True
 
     def close(self) -> None:
-        """Close the kept-alive connection (a later call reopens one)."""
-        with self._connection_lock:
-            self._drop_connection()
+        """Close the pooled connections (and the worker threads of ``max_in_flight``)."""
+        self._client.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def __enter__(self) -> HTTPClassifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
-        return f"HTTPClassifier({self.url!r}, queries={self.queries}, requests={self.requests})"
+        return (
+            f"HTTPClassifier({self.url!r}, model={self.model!r}, queries={self.queries}, "
+            f"requests={self.requests})"
+        )
 
-    # -- batching hook --------------------------------------------------------------------
-    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
-        headers = {"Content-Type": "application/x-npy", "Accept": "application/x-npy"}
-        status, _, body = self._request("POST", "/predict", encode_npy(images), headers)
-        try:
-            logits = decode_npy(body)
-        except NpyFormatError as exc:
+    # -- metadata -------------------------------------------------------------------------
+    def _model_path(self) -> str:
+        return f"/v2/models/{urllib.parse.quote(str(self.model), safe='')}"
+
+    def _resolve(self) -> dict[str, Any]:
+        if self.model is None:
+            index = self._json(self._request("POST", "/v2/repository/index", b"{}", _JSON_HEADERS))
+            names = sorted(
+                {m.get("name") for m in index if isinstance(m, dict)}
+                if isinstance(index, list)
+                else []
+            )
+            if len(names) != 1 or not isinstance(names[0], str):
+                raise ValueError(
+                    f"{self.url} serves models {names}; pass model=NAME (or a /v2/models/NAME url)"
+                )
+            self.model = names[0]
+        metadata = self._json(self._request("GET", self._model_path(), None, {}))
+        if not isinstance(metadata, dict):
             raise ClassifierAPIError(
-                f"{self.url}/predict returned a bad body: {exc}", status
+                f"{self.url}{self._model_path()}: metadata is not a JSON object"
+            )
+        inputs = _tensor_list(metadata, "inputs")
+        outputs = _tensor_list(metadata, "outputs")
+        spec = _pick(inputs, self.input_name, "input", self.model)
+        self.input_name = spec["name"]
+        self.output_name = _pick(outputs, self.output_name, "output", self.model)["name"]
+        if self.datatype is None:
+            datatype = spec.get("datatype")
+            if datatype not in INPUT_DATATYPES:
+                raise ClassifierAPIError(
+                    f"model {self.model!r} takes {self.input_name!r} as {datatype!r}; this client "
+                    f"sends images as one of {', '.join(INPUT_DATATYPES)}"
+                )
+            self.datatype = datatype
+        shape = spec.get("shape")
+        if (
+            self.input_shape is None
+            and isinstance(shape, list)
+            and len(shape) == 4
+            and all(isinstance(s, int) and s > 0 for s in shape[1:])
+        ):
+            self.input_shape = tuple(shape[1:])
+        return metadata
+
+    def _prepare(self) -> None:
+        if self.model is None or self.input_name is None or self.output_name is None:
+            self.metadata()
+        elif self.datatype is None:
+            self.datatype = "FP32"  # everything named: no metadata round trip needed
+        if self.binary is None:
+            with self._metadata_lock:
+                if self.binary is None:
+                    self.binary = self._server_has_binary_extension()
+
+    def _server_has_binary_extension(self) -> bool:
+        try:
+            document = self._json(self._request("GET", "/v2", None, {}))
+        except ClassifierRequestError:  # no server metadata endpoint: assume the core only
+            return False
+        extensions = document.get("extensions") if isinstance(document, dict) else None
+        return isinstance(extensions, list) and "binary_tensor_data" in extensions
+
+    # -- batching hooks -------------------------------------------------------------------
+    def _map_batches(
+        self, fn: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        if self.max_in_flight == 1 or len(batches) == 1:
+            return [fn(batch) for batch in batches]
+        with self._metadata_lock:
+            if self._executor is None:
+                self._executor = concurrent.futures.ThreadPoolExecutor(
+                    self.max_in_flight, thread_name_prefix="zoopt-http"
+                )
+        futures = [self._executor.submit(fn, batch) for batch in batches]
+        concurrent.futures.wait(futures)  # all settled (and counted) before we raise
+        return [f.result() for f in futures]
+
+    def _predict_batch(self, images: np.ndarray) -> np.ndarray:
+        assert self.datatype is not None and self.output_name is not None
+        x = images if self.datatype == "FP32" else images.astype(DATATYPES[self.datatype])
+        specs, parts = encode_tensors([(str(self.input_name), x, self.binary)])
+        document: dict[str, Any] = {
+            "inputs": specs,
+            "outputs": [{"name": self.output_name, "parameters": {"binary_data": self.binary}}],
+        }
+        if self.binary:
+            document["parameters"] = {"binary_data_output": True}
+        body, json_length = encode_message(document, parts)
+        headers = dict(_JSON_HEADERS)
+        if json_length is not None:
+            headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(json_length)}
+        path = f"{self._model_path()}/infer"
+        response = self._request("POST", path, body, headers)
+        try:
+            logits = self._decode_logits(response, images.shape[0])
+        except ProtocolError as exc:
+            raise ClassifierAPIError(
+                f"{self.url}{path} returned a bad response: {exc}", response.status_code
             ) from exc
-        if logits.dtype.kind == "f" and logits.dtype.itemsize == 4:
-            logits = np.array(logits, dtype=np.float32)  # native order, writable, owns its data
+        return logits
+
+    def _decode_logits(self, response: Any, rows: int) -> np.ndarray:
+        content = response.content
+        header_length = parse_header_length(response.headers.get(HEADER_LENGTH), len(content))
+        document, binary = split_body(content, header_length)
+        outputs = document.get("outputs")
+        if not isinstance(outputs, list):
+            raise ProtocolError(f"outputs must be a list, got {type(outputs).__name__}")
+        offset, found = 0, None
+        for i, spec in enumerate(outputs):  # binary parts come in the order of the outputs
+            array, offset = decode_tensor(spec, binary, offset, f"output {i}")
+            if spec.get("name") == self.output_name:
+                found = array
+        if found is None:
+            names = [s.get("name") for s in outputs if isinstance(s, dict)]
+            raise ProtocolError(f"no output {self.output_name!r} among {names}")
+        if found.dtype.kind != "f":
+            raise ProtocolError(f"output {self.output_name!r} is {found.dtype}, expected floats")
+        if found.ndim != 2 or found.shape[0] != rows:
+            raise ProtocolError(
+                f"output {self.output_name!r} has shape {list(found.shape)}, expected [{rows}, K]"
+            )
+        logits = np.array(found, dtype=np.float32)  # native order, writable, owns its data
+        finite = np.isfinite(logits)
+        if not finite.all():
+            bad = np.unravel_index(int(np.argmin(finite)), logits.shape)
+            if self.on_nonfinite == "raise":
+                raise NonFiniteLogits(
+                    f"{self.url}: the classifier returned a non-finite logit {logits[bad]} for "
+                    f"image {bad[0]} of the batch, class {bad[1]} (set on_nonfinite='inf' to "
+                    "treat such values as +inf)",
+                    response.status_code,
+                )
+            logits[~finite] = np.inf
         return logits
 
     # -- transport ------------------------------------------------------------------------
+    def _json(self, response: Any) -> Any:
+        try:
+            return response.json()
+        except ValueError as exc:
+            raise ClassifierAPIError(
+                f"{response.request.url} returned invalid JSON", response.status_code
+            ) from exc
+
     def _request(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, dict[str, str], bytes]:
-        """One logical request, retried on transient failures; returns (status, headers, body)."""
-        if self.token:
-            headers = {**headers, "Authorization": f"Bearer {self.token}"}
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        retries: int | None = None,
+    ) -> Any:
+        """One logical request, retried on transient failures; returns the httpx response."""
+        httpx = self._httpx
         target = f"{self.url}{path}"
-        failures: list[str] = []
+        retries = self.retries if retries is None else retries
+        failures: list[tuple[str, int | None]] = []
         retry_after = 0.0  # the last transient response's Retry-After, in seconds
-        for attempt in range(self.retries + 1):
+        for attempt in range(retries + 1):
             if attempt:
                 time.sleep(self._retry_delay(attempt - 1, retry_after))
             retry_after = 0.0
+            if method == "POST" and path.endswith("/infer"):
+                with self._count_lock:
+                    self.requests += 1
             try:
-                status, response_headers, response_body = self._send_once(
-                    method, path, body, headers
-                )
-            except TimeoutError as exc:  # before OSError: it is one
+                response = self._client.request(method, target, content=body, headers=headers)
+            except httpx.TimeoutException as exc:
                 raise ClassifierTimeout(
-                    f"{method} {target} timed out after {self.timeout:g} s ({exc})"
+                    f"{method} {target} timed out after {self.timeout:g} s ({type(exc).__name__})"
                 ) from exc
-            except (http.client.HTTPException, OSError) as exc:  # refused, reset, closed early
-                failures.append(f"{type(exc).__name__}: {exc}")
+            except httpx.TransportError as exc:  # refused, reset, closed early
+                failures.append((f"{type(exc).__name__}: {exc}", None))
                 continue
+            except httpx.HTTPError as exc:
+                raise ClassifierAPIError(f"{method} {target} failed: {exc}") from exc
+            status = response.status_code
             if status in TRANSIENT_STATUSES:
-                failures.append(f"HTTP {status} {_server_message(response_body)}")
-                retry_after = _retry_after_seconds(response_headers)
+                failures.append((f"HTTP {status} {_server_message(response.content)}", status))
+                retry_after = _retry_after_seconds(response.headers.get("retry-after"))
                 continue
             if status >= 300:
-                raise _error_for_status(status, method, target, response_body)
-            return status, response_headers, response_body
+                raise _error_for_status(status, method, target, response.content)
+            return response
+        message, status = failures[-1]
         raise ClassifierUnavailable(
-            f"{method} {target} failed after {self.retries + 1} attempts; last: {failures[-1]}",
-            status=_last_status(failures),
+            f"{method} {target} failed after {retries + 1} attempts; last: {message}", status
         )
 
     def _retry_delay(self, retry_index: int, retry_after: float) -> float:
         return max(self.backoff * 2**retry_index, min(retry_after, MAX_RETRY_AFTER_S))
 
-    def _send_once(
-        self, method: str, path: str, body: bytes | None, headers: dict[str, str]
-    ) -> tuple[int, dict[str, str], bytes]:
-        with self._connection_lock:
-            self.requests += 1
-            if self._connection is not None:
-                try:
-                    return self._exchange(self._connection, method, path, body, headers)
-                except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                    # The server closed the idle kept-alive connection before reading this
-                    # request: resend at once on a fresh one, without spending a retry.
-                    self.requests += 1
-            return self._exchange(self._open_connection(), method, path, body, headers)
 
-    def _exchange(
-        self,
-        connection: http.client.HTTPConnection,
-        method: str,
-        path: str,
-        body: bytes | None,
-        headers: dict[str, str],
-    ) -> tuple[int, dict[str, str], bytes]:
-        """One request/response on ``connection`` (dropped afterwards unless reusable)."""
-        try:
-            connection.request(method, f"{self._prefix}{path}", body=body, headers=headers)
-            response = connection.getresponse()
-            response_body = response.read()
-        except BaseException:
-            self._drop_connection()  # its state is unknown: never reuse it
-            raise
-        if response.will_close:
-            self._drop_connection()
-        return response.status, {k.lower(): v for k, v in response.getheaders()}, response_body
-
-    def _open_connection(self) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
-        connection = cls(self._host, self._port, timeout=self.timeout)
-        connection.connect()
-        # http.client sends headers and body in separate writes: without TCP_NODELAY, Nagle's
-        # algorithm and the server's delayed ACK stall each request by ~40 ms.
-        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._connection = connection
-        return connection
-
-    def _drop_connection(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+_JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -515,27 +714,58 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _tensor_list(metadata: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    tensors = metadata.get(key)
+    if not isinstance(tensors, list) or not all(
+        isinstance(t, dict) and isinstance(t.get("name"), str) for t in tensors
+    ):
+        raise ClassifierAPIError(f"model metadata has no valid {key!r} list: {str(tensors)[:200]}")
+    return tensors
+
+
+def _pick(tensors: list[dict[str, Any]], name: str | None, kind: str, model: Any) -> dict[str, Any]:
+    names = [t["name"] for t in tensors]
+    if name is None:
+        if len(tensors) != 1:
+            raise ValueError(f"model {model!r} has {kind}s {names}; pass {kind}_name=")
+        return tensors[0]
+    for tensor in tensors:
+        if tensor["name"] == name:
+            return tensor
+    raise ValueError(f"model {model!r} has no {kind} {name!r}; its {kind}s are {names}")
+
+
 def _server_message(body: bytes) -> str:
     """The ``error`` field of a JSON error body, else a short printable prefix of it."""
     try:
+        import json
+
         message = json.loads(body)["error"]
         if isinstance(message, str):
             return message
     except (ValueError, KeyError, TypeError):
         pass
-    return body[:200].decode("utf-8", "replace")
+    return body[:200].decode("utf-8", "replace").strip()
 
 
-def _retry_after_seconds(headers: dict[str, str]) -> float:
-    try:
-        return max(0.0, float(headers.get("retry-after", "0")))
-    except ValueError:  # an HTTP date: not worth parsing for a short backoff
+def _retry_after_seconds(value: str | None) -> float:
+    """Seconds from a ``Retry-After`` value: delta-seconds or an HTTP date; 0 if unusable."""
+    if not value:
         return 0.0
-
-
-def _last_status(failures: list[str]) -> int | None:
-    last = failures[-1] if failures else ""
-    return int(last.split()[1]) if last.startswith("HTTP ") else None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return 0.0
+    if when is None or when.tzinfo is None:
+        return 0.0
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _error_for_status(status: int, method: str, target: str, body: bytes) -> ClassifierAPIError:

@@ -1,7 +1,8 @@
 """The classifier owner's side: the model behind the API, and the API itself.
 
 The owner trains a ResNet first-order (once per output folder) and exposes it only as a
-prediction API: a remote service, the checkpoint served over real HTTP on 127.0.0.1, or an
+prediction API: a remote Open Inference Protocol server (ours, Triton, KServe, MLServer...),
+the checkpoint served by :mod:`oracles.http_service` over real HTTP on 127.0.0.1, or an
 in-process :class:`oracles.classifier.LocalClassifier`. The defender sees nothing else.
 """
 
@@ -84,9 +85,10 @@ def provide_checkpoint(config: DefenseConfig, data: ImageData, out: Path) -> Pat
 
 @contextlib.contextmanager
 def classifier_api(config: DefenseConfig, checkpoint: Path | None) -> Iterator[ClassifierAPI]:
-    """The black box: the remote service ``config.classifier.url`` (token from
-    ``$ZOOPT_CLASSIFIER_TOKEN``), the checkpoint served over real HTTP on 127.0.0.1 in a
-    background thread (default), or in-process (``config.classifier.local``)."""
+    """The black box: the remote Open Inference Protocol server ``config.classifier.url`` (a
+    server root or ``.../v2/models/NAME``; token from ``$ZOOPT_CLASSIFIER_TOKEN``), the
+    checkpoint served over real HTTP on 127.0.0.1 in a background thread (default), or
+    in-process (``config.classifier.local``)."""
     clf = config.classifier
     if clf.url:
         token = os.environ.get(TOKEN_ENV_VAR) or None
@@ -109,8 +111,10 @@ def classifier_api(config: DefenseConfig, checkpoint: Path | None) -> Iterator[C
     token = secrets.token_urlsafe(16)
     server = make_server(local, host="127.0.0.1", port=0, token=token, max_batch=clf.api_batch)
     serve_in_background(server)
-    api = HTTPClassifier(server.url, token=token, max_batch=clf.api_batch)
-    print(f"classifier API: {spec['arch']} served on {server.url} (bearer token)")
+    # Our own server: name the model and the encoding, no discovery round trips needed.
+    model_url = f"{server.url}/v2/models/{server.model_name}"
+    api = HTTPClassifier(model_url, token=token, max_batch=clf.api_batch, binary=True)
+    print(f"classifier API: {spec['arch']} served on {model_url} (bearer token)")
     try:
         yield api
     finally:
