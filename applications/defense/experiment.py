@@ -29,6 +29,7 @@ from .owner import api_labels, classifier_api, provide_checkpoint
 from .training import (
     autoencoder_fidelity,
     check_deepzero_budget,
+    premise_report,
     pretrain_autoencoder,
     pretrain_denoiser,
     train_defense,
@@ -114,8 +115,27 @@ def print_report(
     print(f"results in {out} ({wall:.0f} s)")
 
 
+def measure_premise(
+    config: DefenseConfig, data: ImageData, api: ClassifierAPI, t_start: float
+) -> dict[str, Any]:
+    """``--premise-only``: pretrain the denoiser and the autoencoder as a full run would,
+    measure :func:`~applications.defense.training.premise_report` and write it to
+    ``out/premise.json`` (with the settings); no method is trained."""
+    denoiser_state = pretrain_denoiser(config, data, config.out)
+    autoencoder = pretrain_autoencoder(config, data, config.out)
+    result = {
+        "premise": premise_report(config, api, data, denoiser_state, autoencoder),
+        "settings": settings_record(config) | {"data": data.name, "image_shape": list(data.shape)},
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    (config.out / "premise.json").write_text(json.dumps(result, indent=2))
+    print(f"results in {config.out / 'premise.json'} ({result['wall_seconds']:.0f} s)")
+    return result
+
+
 def run(config: DefenseConfig) -> dict[str, Any]:
-    """The whole experiment; returns what it writes to ``out/certified_accuracy.json``.
+    """The whole experiment; returns what it writes to ``out/certified_accuracy.json``
+    (with ``config.premise_only``: :func:`measure_premise`, ``out/premise.json``).
 
     Raises:
         ValueError: a setting the run cannot use (before anything is trained where possible).
@@ -128,13 +148,15 @@ def run(config: DefenseConfig) -> dict[str, Any]:
     if "deepzero" in config.methods:  # an impossible budget fails now, not after an hour
         check_deepzero_budget(config, data.shape[0])
     checkpoint = provide_checkpoint(config, data, out)
-    if "fo-ds" in config.methods and not checkpoint.exists():
+    if "fo-ds" in config.methods and not checkpoint.exists() and not config.premise_only:
         raise ValueError(
             "FO-DS needs the classifier's weights (white box): pass --classifier-weights "
             "or drop fo-ds from --methods"
         )
     torch.manual_seed(config.seed)
     with classifier_api(config, checkpoint) as api:
+        if config.premise_only:
+            return measure_premise(config, data, api, t_start)
         labels = label_with_api(config, data, api)
         denoiser_state = pretrain_denoiser(config, data, out)
         autoencoder = (
