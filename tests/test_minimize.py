@@ -189,6 +189,8 @@ def test_nonfinite_values_stop_with_a_message():
         ({"bounds": [(0, 1)] * 2}, "bounds has 2 .* x0 has 3"),
         ({"bounds": [(2, 1)] * 3}, r"bounds\[0\] has low 2.0 > high 1.0"),
         ({"workers": 0}, "workers must be an int >= 1"),
+        ({"options": {"memory": 0}}, "memory must be an integer >= 1, got 0"),
+        ({"method": "spsa", "options": {"c": 0.0}}, "c must be a finite number > 0, got 0.0"),
         ({"workers": 2, "batched": True}, "cannot go with batched=True"),
     ],
 )

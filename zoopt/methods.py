@@ -63,6 +63,19 @@ class Iterate:
     state: dict[str, Any] = field(repr=False)
 
 
+def _check_number(name: str, value: Any, *, zero_ok: bool) -> None:
+    """A method setting that must be a finite number > 0 (or >= 0): ValueError naming it."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not (ok and (value >= 0 if zero_ok else value > 0)):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------
 # Bounds
 # ---------------------------------------------------------------------------------------
@@ -248,16 +261,13 @@ class LBFGS:
     restart_scale: float = 0.1
 
     def __post_init__(self) -> None:
-        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or self.memory < 1:
-            raise ValueError(f"memory must be an integer >= 1, got {self.memory!r}")
+        _check_count("memory", self.memory)
         if not 0 < self.c1 < 0.5:
             raise ValueError(f"c1 must be in (0, 0.5), got {self.c1!r}")
         if self.max_line_search < 1:
             raise ValueError(f"max_line_search must be >= 1, got {self.max_line_search!r}")
         for name in ("gtol", "ftol"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            _check_number(name, getattr(self, name), zero_ok=True)
         if not self.restart_scale > 0:
             raise ValueError(f"restart_scale must be > 0, got {self.restart_scale!r}")
 
@@ -612,11 +622,8 @@ class SPSA:
 
     def __post_init__(self) -> None:
         for name in ("c", "step0"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if isinstance(self.q, bool) or not isinstance(self.q, int) or self.q < 1:
-            raise ValueError(f"q must be an integer >= 1, got {self.q!r}")
+            _check_number(name, getattr(self, name), zero_ok=False)
+        _check_count("q", self.q)
 
     def run(
         self,
