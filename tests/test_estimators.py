@@ -238,3 +238,19 @@ def test_rge_modes_agree_on_linear_functions(seed, d, q):
 def test_rge_mu_mode_is_checked():
     with pytest.raises(ValueError, match="mu_mode must be 'direction' or 'absolute', got 'rel'"):
         zoopt.RGE(mu_mode="rel")
+
+
+def test_rge_divides_by_the_exact_step_for_float32_points():
+    # the quotient uses μ itself, not μ rounded to float32 (5e-3 → 0.0049999999): the
+    # DeepZero trainer's ZO-GraSP scores and `make demo` depend on this to the last bit
+    d, q, mu = 7, 3, 5e-3
+    a = np.linspace(-1, 1, d)
+    oracle = zoopt.as_oracle(lambda X: (X.astype(np.float64) ** 2) @ a, dim=d, batched=True)
+    x = np.linspace(0.1, 0.7, d).astype(np.float32)
+    est = zoopt.RGE(q=q, mu=mu, mu_mode="absolute")
+    plan = est.plan(x, rng=0)
+    values = oracle.batch(plan.all_points())
+    got = plan.finish(values).grad
+    u = est.directions(d, np.random.default_rng(0)).astype(np.float32)
+    coef = ((values[1:] - values[0]) / mu).astype(np.float32)
+    np.testing.assert_array_equal(got, (1.0 / q) * (coef @ u))

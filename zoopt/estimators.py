@@ -258,7 +258,7 @@ class RGE(Estimator):
             h_host = mu / np.where(norms > 0, norms, 1.0)
         else:
             h_host = np.full(m, mu)
-        h = xp.asarray(h_host, dtype=x.dtype, device=device_of(x))
+        uniform_h = not (self.mu_mode == "direction" and self.dist != "sphere")
         scale = (d if self.dist == "sphere" else 1.0) / self.q
         forward = self.scheme == "forward"
         need_base = forward and fx is None
@@ -285,7 +285,9 @@ class RGE(Estimator):
             if values.shape[0] != n:
                 raise ValueError(f"expected {n} values for this plan, got {values.shape[0]}")
             base = float(values[0]) if need_base else fx
-            hv = xp.astype(h, values.dtype)
+            # divide by the host float64 steps: a step rounded to x's dtype (float32) would
+            # bias every quotient; one step for all directions stays a Python scalar
+            hv = mu if uniform_h else xp.asarray(h_host, dtype=values.dtype, device=device_of(x))
             if forward:
                 coef = (values[offset:] - base) / hv
             elif self.scheme == "central":
