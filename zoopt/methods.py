@@ -34,12 +34,8 @@ from .estimators import Estimate, QueryPlan
 from .optim import Optimizer
 from .step import ZO, update
 
-#: float64 machine epsilon: sets the finite-difference steps
+#: float64 machine epsilon: the default for the finite-difference steps
 EPS = float(np.finfo(np.float64).eps)
-#: relative step of forward differences (error ~ sqrt(eps)), as scipy's approx_derivative
-FORWARD_STEP = EPS**0.5
-#: relative step of central differences (error ~ eps^(2/3))
-CENTRAL_STEP = EPS ** (1 / 3)
 
 Run = Generator["QueryPlan | Iterate", Any, str]
 
@@ -297,14 +293,13 @@ class LBFGS:
                 return "the gradient estimate at x0 is not finite"
             S: list[np.ndarray] = []
             Y: list[np.ndarray] = []
-            alpha_prev, restart_sigma, best = 0.0, self.restart_scale, fx
+            restart_sigma, best = self.restart_scale, fx
         else:
             x = np.array(state["x"], dtype=np.float64)
             fx, g = float(state["fx"]), np.array(state["g"], dtype=np.float64)
             central = bool(state["central"])
             S = [np.array(s, dtype=np.float64) for s in state["S"]]
             Y = [np.array(y, dtype=np.float64) for y in state["Y"]]
-            alpha_prev = float(state["alpha"])
             restart_sigma, best = float(state["restart_sigma"]), float(state["best"])
             stalls = int(state.get("stalls", 0))
             if state.get("stop"):  # it had converged at that iteration
@@ -380,7 +375,7 @@ class LBFGS:
                 stop = f"converged: relative decrease of f <= ftol={self.ftol}"
                 if self.restarts:
                     stop = None  # keep going: the restart happens at the next failed search
-            x, fx, g, alpha_prev = x_new, f_new, g_new, alpha
+            x, fx, g = x_new, f_new, g_new
             best = min(best, fx)
             yield Iterate(
                 x=like(x, like_x),
@@ -394,7 +389,6 @@ class LBFGS:
                     "central": central,
                     "S": [a.copy() for a in S],
                     "Y": [a.copy() for a in Y],
-                    "alpha": alpha_prev,
                     "restart_sigma": restart_sigma,
                     "best": best,
                     "stop": stop,
@@ -407,7 +401,8 @@ class LBFGS:
     # -- pieces ----------------------------------------------------------------------
     @staticmethod
     def _value_eps(like_x: Array) -> float:
-        """Relative rounding of f's values: float32 points usually give float32 values."""
+        """Machine epsilon of the queried points' dtype: it sizes the difference steps and
+        the rounding level of f's values (float32 points usually give float32 values)."""
         return float(np.finfo(to_numpy(like_x[:1]).dtype).eps)
 
     def _gradient(
@@ -426,7 +421,7 @@ class LBFGS:
             values = yield plan
             g = to_numpy(plan.finish(values).grad).astype(np.float64)
         else:
-            eps = float(np.finfo(to_numpy(like_x[:1]).dtype).eps)
+            eps = self._value_eps(like_x)
             points, plus, minus = fd_gradient_points(x, central, box, eps)
             # the steps as they will be represented in the queried points' dtype
             plus = to_numpy(like(x + plus, like_x)).astype(np.float64) - x

@@ -317,7 +317,7 @@ class AskTell:
         plan = self.plan()
         host = _host_values(values, plan.n)
         self._pending = None
-        event = self._advance(like(host, self.x, dtype=_value_dtype(host, self.x)))
+        event = self._advance(like(host, self.x, dtype=_value_dtype(self.x)))
         if isinstance(event, Iterate):
             # plan ahead so that ``done`` is current; the state stays that of this iteration
             self.next_plan()
@@ -431,7 +431,7 @@ def _host_values(values: Any, n: int) -> np.ndarray:
     return np.where(np.isnan(host), np.inf, host)
 
 
-def _value_dtype(host: np.ndarray, x: Array) -> Any:
+def _value_dtype(x: Array) -> Any:
     """Told values keep float64 on numpy/CuPy/torch (finite differences need the digits)."""
     mod = type(x).__module__
     if mod.startswith("torch"):
@@ -533,7 +533,9 @@ def minimize(
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     if not isinstance(args, tuple):
         args = (args,)
-    lbfgs_takes_gtol = _selects_lbfgs(method, optimizer, lr, mu, coords)
+    # a method chosen by name takes gtol itself (L-BFGS tests max|ĝ|; the others ignore it);
+    # for the others the driver tests ‖ĝ‖₂
+    by_name = method is None or isinstance(method, str)
     at = AskTell(
         x0,
         estimator,
@@ -545,27 +547,21 @@ def minimize(
         mu=mu,
         coords=coords,
         tol=tol,
-        gtol=gtol if lbfgs_takes_gtol else None,
+        gtol=gtol if by_name else None,
         options=options,
         restarts=max_queries is not None,
     )
+    lbfgs_tests_gtol = by_name and isinstance(at.method, LBFGS)
     fixed_step = not isinstance(at.method, LBFGS)
     if fixed_step and maxiter is None and max_queries is None:
         maxiter = FIXED_STEP_DEFAULT_MAXITER
     oracle, pool = _make_oracle(fun, at.dim, args, batched, workers)
-    driver = _Driver(at, oracle, maxiter, max_queries, callback, None if lbfgs_takes_gtol else gtol)
+    driver = _Driver(at, oracle, maxiter, max_queries, callback, None if lbfgs_tests_gtol else gtol)
     try:
         return driver.run(progress)
     finally:
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _selects_lbfgs(method: Any, optimizer: Any, lr: Any, mu: Any, coords: Any) -> bool:
-    """Whether the arguments select the built-in L-BFGS by name (it checks ``gtol`` itself)."""
-    if isinstance(method, str):
-        return method.lower() == "lbfgs"
-    return method is None and all(v is None for v in (optimizer, lr, mu, coords))
 
 
 def _make_oracle(
@@ -649,7 +645,6 @@ class _Driver:
             "lr": [],
             "grad_norm": [],
         }
-        self.converged_before = 0
 
     @property
     def spent(self) -> int:
