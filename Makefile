@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/classifier_api.py --json
 	$(BIN)/python benchmarks/wake_flow.py --resolutions 16x32 --batches 1 32 --steps 20
 	$(BIN)/python benchmarks/model_zoo.py --budget-s 2 --rounds 1 --truth-coords 16 --json
+	$(BIN)/python benchmarks/large_model.py --quick
 
 # The GPU suite (benchmarks/gpu_suite.py): needs CUDA, no set-up of its own (it runs with
 # the interpreter given as BENCH_PY, e.g. on a GPU machine whose python3 already has torch).

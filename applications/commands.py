@@ -20,6 +20,7 @@ EXPERIMENTS: dict[str, str] = {
     "zo_grasp_vs_random": "ZO-GraSP layer-wise ratios vs random/uniform ratios",
     "certified_defense": "black-box defense: FO-DS / ZO-AE-DS / DeepZero certified accuracy",
     "zo_sol": "solver-in-the-loop wake flow: SRC / NON / FO-SOL / ZO-SOL",
+    "finetune": "ZO fine-tuning MNIST -> Fashion-MNIST: MeZO / RGE / ZO-Adam / DeepZero / FO",
 }
 
 

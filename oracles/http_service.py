@@ -702,6 +702,12 @@ def _listening_socket(host: str, port: int) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        # the CLI prints OSErrors in one line: name the address, not just "[Errno 98]"
+        raise OSError(
+            exc.errno, f"cannot listen on {host}:{port}: {exc.strerror or exc} (--host/--port)"
+        ) from exc
     except BaseException:
         sock.close()
         raise

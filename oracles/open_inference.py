@@ -184,12 +184,25 @@ def decode_tensor(
         raise ProtocolError(f"{what}: data is not a regular array of numbers ({exc})") from None
     if array.dtype.kind not in "biuf" or (array.size == 0 and count):
         raise ProtocolError(f"{what}: data must hold numbers only, got {array.dtype} values")
+    # numpy reads JSON true/false as 1/0 (and a list mixing them with numbers as numbers)
+    if datatype != "BOOL" and (array.dtype.kind == "b" or _holds_bool(data)):
+        raise ProtocolError(
+            f"{what}: data holds JSON true/false, but {datatype} takes numbers only"
+        )
     if array.size != count:
         raise ProtocolError(
             f"{what}: data has {array.size} values but shape {list(shape)} needs {count}"
         )
     with np.errstate(over="ignore", invalid="ignore"):  # out-of-range -> inf, checked later
         return array.astype(dtype, copy=False).reshape(shape), offset
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    """Whether the (nested) JSON list ``data`` holds a ``true`` or ``false`` anywhere."""
+    kinds = set(map(type, data))  # one pass in C per list
+    if bool in kinds:
+        return True
+    return list in kinds and any(_holds_bool(v) for v in data if type(v) is list)
 
 
 def encode_tensors(

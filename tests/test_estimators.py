@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import zoopt
+from zoopt.directions import draw_seed
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -251,6 +252,12 @@ def test_rge_divides_by_the_exact_step_for_float32_points():
     plan = est.plan(x, rng=0)
     values = oracle.batch(plan.all_points())
     got = plan.finish(values).grad
-    u = est.directions(d, np.random.default_rng(0)).astype(np.float32)
-    coef = ((values[1:] - values[0]) / mu).astype(np.float32)
-    np.testing.assert_array_equal(got, (1.0 / q) * (coef @ u))
+    # the directions as the plan regenerates them: in x's dtype, from the seed rng=0 draws
+    raw = est.seeded(d, draw_seed(np.random.default_rng(0)))
+    u = [raw.dense(i, x) for i in range(q)]
+    # the lazy Σ cᵢuᵢ: float64 coefficients, accumulated in x's dtype in direction order
+    coef = (1.0 / q) * (values[1:].astype(np.float64) - values[0]) / mu
+    want = np.zeros(d, dtype=np.float32)
+    for c, ui in zip(coef, u, strict=True):
+        want += float(c) * ui
+    np.testing.assert_array_equal(got, want)

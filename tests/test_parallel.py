@@ -513,7 +513,7 @@ def _float32_grad_tolerance(values: torch.Tensor, mu: float) -> float:
 
 
 def test_module_oracle_is_replicable_and_its_replica_is_the_same_function():
-    from zoopt.torch.replica import ModuleOracleFactory
+    from zoopt.torch.oracle import ModuleOracleFactory
 
     local = _small_cnn_oracle(training=False)
     assert isinstance(local, ReplicableOracle)
@@ -543,6 +543,45 @@ def test_module_oracle_is_replicable_and_its_replica_is_the_same_function():
         replica.load_model_state({"nope": np.zeros(1)})
     with pytest.raises(TypeError, match="expected a ModuleOracle"):
         ModuleOracleFactory.from_oracle(quadratic_oracle())
+
+
+def test_module_oracle_factory_keeps_every_constructor_keyword():
+    # the factory reads the oracle's own record of its keywords: a keyword added to
+    # ModuleOracle reaches the workers' replicas without anyone listing it again
+    import inspect
+
+    from zoopt.oracle import DEFAULT_MAX_BATCH_BYTES
+    from zoopt.torch import ModuleOracle, SmallCNN
+    from zoopt.torch.oracle import ModuleOracleFactory
+
+    keywords = {
+        name
+        for name, p in inspect.signature(ModuleOracle.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    given = dict(
+        engine=True,
+        max_batch_bytes=1 << 22,
+        memory_format="contiguous",
+        loss_dtype=torch.float32,
+        per_sample_modules=(torch.nn.Identity,),
+        max_cache_bytes=1 << 20,
+        on_nonfinite="inf",
+    )
+    assert keywords <= set(given), f"test does not set {sorted(keywords - set(given))}"
+    local = ModuleOracle(SmallCNN(), F.cross_entropy, **given)
+    assert local.options == given
+    factory = cloudpickle.loads(cloudpickle.dumps(local.replica_factory()))
+    assert isinstance(factory, ModuleOracleFactory) and factory.options == given
+    replica = factory()
+    assert replica.options == given and replica.on_nonfinite == "inf"
+    assert replica.engine.max_cache_bytes == 1 << 20 and replica.loss_dtype == torch.float32
+    assert replica.engine.memory_format == "contiguous"
+    assert replica.engine.per_sample_modules == (torch.nn.Identity,)
+    no_engine = ModuleOracleFactory.from_oracle(
+        ModuleOracle(SmallCNN(), F.cross_entropy, engine=False)
+    )()
+    assert no_engine.engine is None and no_engine.max_batch_bytes == DEFAULT_MAX_BATCH_BYTES
 
 
 def test_torch_model_with_batchnorm_gradient_equals_single_process(client):

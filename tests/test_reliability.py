@@ -147,7 +147,7 @@ def interrupted_then_resumed(method, fraction, tmp_path):
 
 
 # -- 3, 5, 6: a Ctrl-C anywhere --------------------------------------------------------------
-@pytest.mark.parametrize("method", ["deepzero", "fo", "rge", "cge"])
+@pytest.mark.parametrize("method", ["deepzero", "fo", "rge", "cge", "mezo"])
 @pytest.mark.parametrize("fraction", [0.01, 0.13, 0.29, 0.41, 0.57, 0.73, 0.88, 0.97])
 def test_ctrl_c_at_any_point_then_resume_is_bit_identical(method, fraction, tmp_path):
     interrupted_then_resumed(method, fraction, tmp_path)
@@ -156,7 +156,9 @@ def test_ctrl_c_at_any_point_then_resume_is_bit_identical(method, fraction, tmp_
 @settings(
     max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
-@given(method=st.sampled_from(["deepzero", "fo", "rge", "cge"]), fraction=st.floats(0.0, 1.0))
+@given(
+    method=st.sampled_from(["deepzero", "fo", "rge", "cge", "mezo"]), fraction=st.floats(0.0, 1.0)
+)
 def test_random_interrupt_points_resume_bit_identically(method, fraction, tmp_path_factory):
     interrupted_then_resumed(method, fraction, tmp_path_factory.mktemp("hyp") / "case")
 
@@ -181,7 +183,16 @@ def test_ctrl_c_during_zo_grasp_scoring_keeps_the_finished_half(tmp_path):
             raise KeyboardInterrupt
         return real(X)
 
+    real_steps = trainer.task.oracle.eval_direction_steps
+
+    def eval_direction_steps(x, steps):  # RGE's perturbed rows, evaluated in place
+        calls.append(len(steps))
+        if sum(calls) > first_half + 1:
+            raise KeyboardInterrupt
+        return real_steps(x, steps)
+
     trainer.task.oracle.batch = batch
+    trainer.task.oracle.eval_direction_steps = eval_direction_steps
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     payload = torch.load(out / "checkpoint.pt", weights_only=True)

@@ -5,9 +5,10 @@ imported when a feature needs them (``zoopt.torch``, ``zoopt.parallel``, ``oracl
 """
 
 from ._coords import check_coords
+from .directions import DirectionCombination, DirectionSteps, SeededDirections
 from .estimators import CGE, RGE, Estimate, Estimator, QueryPlan, make_estimator
 from .minimize import AskTell, OptimizeResult, minimize
-from .optim import SGD, Adam, Optimizer, SignSGD, make_optimizer
+from .optim import SGD, Adam, Optimizer, OptState, SignSGD, make_optimizer
 from .oracle import BaseOracle, BudgetExceeded, FunctionOracle, Oracle, OracleError, as_oracle
 from .schedules import Constant, Cosine, Step, as_schedule
 
@@ -17,15 +18,19 @@ __all__ = [
     "CGE",
     "RGE",
     "SGD",
+    "SeededDirections",
     "Adam",
     "AskTell",
     "BaseOracle",
     "BudgetExceeded",
     "Constant",
     "Cosine",
+    "DirectionCombination",
+    "DirectionSteps",
     "Estimate",
     "Estimator",
     "FunctionOracle",
+    "OptState",
     "OptimizeResult",
     "Optimizer",
     "Oracle",

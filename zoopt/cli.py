@@ -13,14 +13,58 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 
 #: entry-point group of the commands that live outside the library
 COMMANDS_GROUP = "zoopt.commands"
+
+#: what ``zoopt minimize`` may import lazily once the user's module is loaded: imported
+#: first, so that a file of the same name in the current folder cannot stand in for them
+_OWN_LAZY_IMPORTS = ("array_api_compat", "tqdm", "tqdm.auto")
+
+
+class CLIError(Exception):
+    """An expected failure (a bad file, flag or value, user code raising): ``main`` prints
+    ``zoopt: error: MESSAGE`` and returns 2, without a traceback."""
+
+
+def _import_user_module(module_name: str) -> ModuleType:
+    """Import ``module_name`` as ``python -c "import NAME"`` in the current folder would,
+    without letting that folder shadow anything zoopt imports itself.
+
+    The current folder is on ``sys.path`` only while the user's module is imported, and
+    zoopt's own lazy dependencies are imported before it is added: a ``tqdm.py`` lying in
+    the folder of a ``zoopt minimize math:fsum`` is never run.
+    """
+    for name in _OWN_LAZY_IMPORTS:
+        importlib.import_module(name)
+    cwd = os.getcwd()
+    sys.path.insert(0, cwd)
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CLIError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # user code failing at import: a syntax error, a raise
+        where = ""
+        tb = exc.__traceback__
+        while tb is not None:  # the innermost frame of the user's file, if any
+            if tb.tb_frame.f_code.co_filename.startswith(cwd):
+                where = f" ({tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})"
+            tb = tb.tb_next
+        if isinstance(exc, SyntaxError):
+            where = f" ({exc.filename}, line {exc.lineno})"
+        raise CLIError(
+            f"importing module {module_name!r} failed{where}: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        sys.path.remove(cwd)
 
 
 def _load_function(spec: str) -> tuple[Callable[..., Any], bool, np.ndarray | None, float | None]:
@@ -34,24 +78,38 @@ def _load_function(spec: str) -> tuple[Callable[..., Any], bool, np.ndarray | No
         tf = FUNCTIONS[spec]
         return tf.fn, True, tf.x0, tf.minimum
     if ":" not in spec:
-        raise SystemExit(
-            f"zoopt: unknown function {spec!r}; use one of {sorted(FUNCTIONS)} or module:function"
+        raise CLIError(
+            f"unknown function {spec!r}; use one of {sorted(FUNCTIONS)} or module:function"
         )
     module_name, _, attr = spec.partition(":")
-    sys.path.insert(0, ".")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise SystemExit(f"zoopt: cannot import module {module_name!r}: {exc}") from exc
+    if not module_name or module_name.startswith(".") or not attr:
+        raise CLIError(f"FUNCTION must be module:function, got {spec!r}")
+    module = _import_user_module(module_name)
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise SystemExit(f"zoopt: {module_name!r} has no callable {attr!r}")
+        raise CLIError(f"{module_name!r} has no callable {attr!r}")
     return fn, False, None, None
+
+
+def _check_out_file(out: str) -> Path:
+    """The file ``np.save(out, ...)`` will write, checked before the run: a run must not end
+    in a result it cannot save."""
+    path = Path(out if out.endswith(".npy") else out + ".npy")
+    folder = path.parent
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise CLIError(f"--out {out}: the folder {str(folder)!r} {what}")
+    if path.is_dir():
+        raise CLIError(f"--out {out}: {str(path)!r} is a folder")
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"--out {out}: the folder {str(folder)!r} is not writable")
+    return path
 
 
 def _cmd_minimize(args: argparse.Namespace) -> int:
     import zoopt
 
+    out_path = None if args.out is None else _check_out_file(args.out)
     fn, batched, x0_fn, fmin = _load_function(args.function)
     batched = batched or args.batched
     if args.x0 is not None:
@@ -64,7 +122,7 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
     else:
         x0 = np.zeros(args.dim)
     if x0.shape[0] != args.dim:
-        raise SystemExit(f"zoopt: --x0 has {x0.shape[0]} entries but --dim is {args.dim}")
+        raise CLIError(f"--x0 has {x0.shape[0]} entries but --dim is {args.dim}")
     fixed_flags = [
         flag
         for flag, value in (
@@ -77,9 +135,9 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
     ]
     method = args.method or ("sgd" if fixed_flags else "lbfgs")
     if method in ("lbfgs", "spsa") and fixed_flags:
-        raise SystemExit(f"zoopt: --method {method} takes no {', '.join(fixed_flags)}")
+        raise CLIError(f"--method {method} takes no {', '.join(fixed_flags)}")
     if method == "spsa" and args.estimator:
-        raise SystemExit("zoopt: --method spsa takes no --estimator")
+        raise CLIError("--method spsa takes no --estimator")
     mu = 1e-4 if args.mu is None else args.mu
     est = None
     if args.estimator == "cge":
@@ -95,7 +153,7 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
     opt = None
     if method not in ("lbfgs", "spsa"):
         if args.method and args.optimizer and args.method != args.optimizer:
-            raise SystemExit(f"zoopt: --method {args.method} but --optimizer {args.optimizer}")
+            raise CLIError(f"--method {args.method} but --optimizer {args.optimizer}")
         method = args.optimizer or method
         base_lr = 1e-3 if args.lr is None else args.lr
         lr: Any = base_lr
@@ -108,7 +166,10 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
         opt = zoopt.make_optimizer(method, lr=lr, **momentum)
     f = fn if batched else (lambda x: fn(x))
     oracle = zoopt.as_oracle(f, dim=args.dim, batched=batched, on_nonfinite="inf")
-    f_start = float(oracle(x0))
+    try:
+        f_start = float(oracle(x0))
+    except zoopt.OracleError as exc:  # the user's function raising at x0 is their error
+        raise CLIError(f"{args.function} failed at x0: {exc}") from exc
     res = zoopt.minimize(
         oracle,
         x0,
@@ -137,14 +198,20 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
     }
     if fmin is not None:
         summary["gap_reduction"] = (f_start - fmin) / max(res.fun - fmin, 1e-300)
-    if args.out:
-        np.save(args.out, np.asarray(res.x))
-        summary["x_saved_to"] = args.out
+    save_error = None
+    if out_path is not None:
+        try:
+            np.save(out_path, np.asarray(res.x))
+            summary["x_saved_to"] = str(out_path)
+        except OSError as exc:  # the folder changed during the run: still show the result
+            save_error = f"--out {args.out}: could not save x ({exc})"
     if args.json:
         print(json.dumps(summary))
     else:
         for k, v in summary.items():
             print(f"{k:>14}: {v}")
+    if save_error is not None:
+        raise CLIError(save_error)
     # a run that ended at its budget or iteration limit did its job (status 1); a failed
     # oracle, a non-finite stop or an interrupt did not
     return 0 if res.status in (0, 1) else 1
@@ -232,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("zoopt: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, TypeError, FileNotFoundError) as exc:
-        # bad user input: one clear line, no traceback
+    except (CLIError, ValueError, TypeError, OSError) as exc:
+        # bad user input, or the system refusing (a file, a folder, a port): one clear line
+        # naming it, no traceback
         print(f"zoopt: error: {exc}", file=sys.stderr)
         return 2
 

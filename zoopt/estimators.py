@@ -31,8 +31,14 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._array import Array, device_of, itemsize, namespace
+from ._array import Array, device_of, itemsize, namespace, to_numpy
 from ._coords import check_coords
+from .directions import (
+    DirectionCombination,
+    DirectionSteps,
+    SeededDirections,
+    draw_seed,
+)
 from .oracle import BaseOracle
 
 Direction = Literal["gaussian", "sphere", "rademacher"]
@@ -41,22 +47,54 @@ MuMode = Literal["direction", "absolute"]
 CGEScheme = Literal["forward", "central"]
 
 
-@dataclass(frozen=True)
 class Estimate:
     """Result of one gradient estimate.
 
     Attributes:
-        grad: gradient estimate, same shape ``(d,)``, array type and device as ``x``.
+        grad: gradient estimate, shape ``(d,)``, same array type and device as ``x``. For a
+            seeded RGE estimate it is built on first access (O(d) memory, q regenerations).
+        gradient: what an optimizer should take: the lazy ``Σ cᵢuᵢ``
+            (:class:`~zoopt.directions.DirectionCombination`) when there is one, else
+            ``grad`` -- applying the lazy form never builds a gradient vector.
         fx: f(x) if it was evaluated or given, else ``None`` (central schemes).
         queries: oracle queries this estimate spent.
     """
 
-    grad: Array
-    fx: float | None
-    queries: int
+    __slots__ = ("_grad", "fx", "queries", "lazy")
+
+    def __init__(
+        self,
+        grad: Array | None = None,
+        fx: float | None = None,
+        queries: int = 0,
+        *,
+        lazy: DirectionCombination | None = None,
+    ):
+        if grad is None and lazy is None:
+            raise ValueError("an Estimate needs a grad or a lazy gradient")
+        self._grad = grad
+        self.fx = fx
+        self.queries = queries
+        self.lazy = lazy
+
+    @property
+    def grad(self) -> Array:
+        if self._grad is None:
+            assert self.lazy is not None
+            self._grad = self.lazy.dense()
+        return self._grad
+
+    @property
+    def gradient(self) -> Array | DirectionCombination:
+        return self.lazy if self.lazy is not None and self._grad is None else self.grad
+
+    def __repr__(self) -> str:
+        kind = "lazy" if self._grad is None else "dense"
+        return f"Estimate({kind} grad, fx={self.fx}, queries={self.queries})"
 
 
-def _check_mu(mu: Any) -> float:
+def check_mu(mu: Any) -> float:
+    """``mu`` as a float if it is a finite number > 0 (TypeError / ValueError otherwise)."""
     if isinstance(mu, bool) or not isinstance(mu, int | float | np.floating | np.integer):
         raise TypeError(f"mu must be a number, got {mu!r}")
     if not math.isfinite(mu) or mu <= 0:
@@ -89,6 +127,10 @@ class QueryPlan:
     includes_base: bool = False
     #: ``"gradient"`` (a gradient estimate's points) or ``"values"`` (e.g. a line search's)
     kind: str = "gradient"
+    #: the perturbed rows as seeds and steps (seeded RGE): after an optional base point,
+    #: row r is ``x + steps[r]·u_{index[r]}``; oracles with ``eval_direction_steps`` perturb
+    #: in place instead of receiving points
+    direction_steps: DirectionSteps | None = None
 
     def all_points(self) -> Array:
         """Every point as one ``(n, d)`` array (for ask/tell; mind the memory at large n·d)."""
@@ -106,6 +148,13 @@ class QueryPlan:
                 parts.append(oracle.eval_coordinate_steps(x, coords, step))
             parts = [xp.asarray(p, device=device_of(x)) for p in parts if p.shape[0] > 0]
             return xp.concat(parts) if parts else xp.zeros((0,), dtype=x.dtype, device=device_of(x))
+        if self.direction_steps is not None:
+            parts = []
+            if self.includes_base:
+                parts.append(oracle.batch(xp.reshape(x, (1, -1))))
+            parts.append(oracle.eval_direction_steps(x, self.direction_steps))
+            parts = [xp.asarray(p, device=device_of(x)) for p in parts if p.shape[0] > 0]
+            return xp.concat(parts) if len(parts) > 1 else parts[0]
         cap = max_batch_bytes or oracle.max_batch_bytes
         rows = max(1, cap // max(1, x.shape[0] * itemsize(x)))
         out = [oracle.batch(self.points(s, min(s + rows, self.n))) for s in range(0, self.n, rows)]
@@ -193,7 +242,7 @@ class RGE(Estimator):
     def __post_init__(self) -> None:
         if isinstance(self.q, bool) or not isinstance(self.q, int | np.integer) or self.q < 1:
             raise ValueError(f"q must be an integer >= 1, got {self.q!r}")
-        object.__setattr__(self, "mu", _check_mu(self.mu))
+        object.__setattr__(self, "mu", check_mu(self.mu))
         if self.dist not in ("gaussian", "sphere", "rademacher"):
             raise ValueError(
                 f"dist must be 'gaussian', 'sphere' or 'rademacher', got {self.dist!r}"
@@ -220,16 +269,22 @@ class RGE(Estimator):
             return self.q + (0 if fx_known else 1)
         return 2 * self.q if self.scheme == "central" else self.q
 
-    def directions(self, dim: int, rng: np.random.Generator) -> np.ndarray:
-        """``(n_directions, dim)`` float64 directions drawn from ``rng`` (host memory)."""
-        m = self.n_directions
-        if self.dist == "gaussian":
-            return rng.standard_normal((m, dim))
-        if self.dist == "rademacher":
-            return rng.integers(0, 2, size=(m, dim)).astype(np.float64) * 2.0 - 1.0
-        u = rng.standard_normal((m, dim))
-        norms = np.linalg.norm(u, axis=1, keepdims=True)
-        return u / np.where(norms > 0, norms, 1.0)
+    def seeded(self, dim: int, seed: int) -> SeededDirections:
+        """The step's raw directions: Gaussian (also for ``"sphere"``, normalized by the
+        estimator) or Rademacher, regenerated from ``seed`` (see :mod:`zoopt.directions`)."""
+        base = "rademacher" if self.dist == "rademacher" else "gaussian"
+        return SeededDirections(seed, self.n_directions, dim, base)
+
+    def directions(self, dim: int, rng: np.random.Generator | int | None) -> np.ndarray:
+        """The ``(n_directions, dim)`` float64 directions a :meth:`plan` with this ``rng``
+        uses, as one host matrix (a reference for tests and small problems: a plan never
+        builds it). ``rng`` advances as in :meth:`plan` (one seed drawn)."""
+        raw = self.seeded(dim, draw_seed(_as_rng(rng)))
+        host = np.zeros(1)
+        u = np.stack([raw.dense(i, host) for i in range(raw.count)])
+        if self.dist == "sphere":
+            u /= raw.norms(host)[:, None]
+        return u
 
     def plan(
         self,
@@ -239,6 +294,9 @@ class RGE(Estimator):
         fx: float | None = None,
         coords: Any = None,
     ) -> QueryPlan:
+        """The points of one estimate. The directions are seeded (one seed drawn from
+        ``rng``) and regenerated slice by slice: the plan holds O(q) numbers, ``points`` builds
+        only the rows asked for, and ``finish`` returns a lazy ``Σ cᵢuᵢ``."""
         if coords is not None:
             raise ValueError(
                 "RGE perturbs all coordinates at once and takes no coords; use CGE for a "
@@ -246,58 +304,65 @@ class RGE(Estimator):
             )
         xp = namespace(x)
         d = x.shape[0]
-        # Directions come from a numpy Generator so that numpy, torch and CuPy runs with the
-        # same seed see the same directions; they are moved to x's device once per step.
-        u_host = self.directions(d, _as_rng(rng))
-        u = xp.asarray(u_host, dtype=x.dtype, device=device_of(x))
-        m = u.shape[0]
+        raw = self.seeded(d, draw_seed(_as_rng(rng)))
+        m = raw.count
         mu = self.mu
-        # per-direction steps h_i (host float64): μ/‖u_i‖ (length μ) or μ (the paper's μ·u_i)
-        if self.mu_mode == "direction" and self.dist != "sphere":
-            norms = np.linalg.norm(u_host, axis=1)
-            h_host = mu / np.where(norms > 0, norms, 1.0)
+        # u_i = raw_i (gaussian, rademacher) or raw_i/‖raw_i‖ (sphere). The step along the
+        # raw direction is s_i = h_i/‖u_i‖·(‖u_i‖/‖raw_i‖)...: μ/‖raw_i‖ for the sphere and
+        # for mu_mode="direction" (every perturbation has length μ), μ for "absolute".
+        by_length = self.dist == "sphere" or self.mu_mode == "direction"
+        norms = raw.norms(x) if by_length else None
+        s = mu / np.where(norms > 0, norms, 1.0) if norms is not None else np.full(m, mu)
+        # the difference quotient divides by the step along u_i: h_i = μ/‖u_i‖ (direction
+        # mode), μ (sphere, absolute); the raw coefficient adds the sphere's 1/‖raw_i‖
+        if self.dist == "sphere":
+            h, to_raw = np.full(m, mu), 1.0 / np.where(norms > 0, norms, 1.0)
         else:
-            h_host = np.full(m, mu)
-        uniform_h = not (self.mu_mode == "direction" and self.dist != "sphere")
+            h, to_raw = s, np.ones(m)
         scale = (d if self.dist == "sphere" else 1.0) / self.q
         forward = self.scheme == "forward"
         need_base = forward and fx is None
-        # Point layout: [x]? then x + mu*u_1..m, then (central/antithetic) x - mu*u_1..m.
+        # Point layout: [x]? then x + s_i·raw_i (i < m), then (central/antithetic) x - s_i·raw_i.
         offset = 1 if need_base else 0
         n = offset + (m if forward else 2 * m)
+        index = np.arange(m) if forward else np.concatenate([np.arange(m), np.arange(m)])
+        signed = s if forward else np.concatenate([s, -s])
+        perturbed = DirectionSteps(raw, index.astype(np.int64), signed.astype(np.float64))
 
         def points(start: int, stop: int) -> Array:
-            rows = np.arange(start, stop)
-            out = xp.empty((rows.size, d), dtype=x.dtype, device=device_of(x))
-            out[...] = x[None, :]
-            pert = np.flatnonzero(rows >= offset)
-            if pert.size:
-                j = rows[pert] - offset
-                step = np.where(j < m, h_host[j % m], -h_host[j % m])
-                signed = xp.asarray(step, dtype=x.dtype, device=device_of(x))
-                dirs = xp.take(u, xp.asarray(j % m, device=device_of(x)), axis=0)
-                r = xp.asarray(pert, device=device_of(x))
-                out[r, ...] = x[None, :] + signed[:, None] * dirs
-            return out
+            rows = []
+            if start < offset:
+                rows.append(xp.reshape(x, (1, d)))
+            lo, hi = max(start, offset) - offset, stop - offset
+            if hi > lo:
+                rows.append(perturbed.rows(lo, hi).points(x))
+            return rows[0] if len(rows) == 1 else xp.concat(rows)
 
         def finish(values: Array) -> Estimate:
             values = _values_for_differences(xp, values, x)
             if values.shape[0] != n:
                 raise ValueError(f"expected {n} values for this plan, got {values.shape[0]}")
-            base = float(values[0]) if need_base else fx
-            # divide by the host float64 steps: a step rounded to x's dtype (float32) would
-            # bias every quotient; one step for all directions stays a Python scalar
-            hv = mu if uniform_h else xp.asarray(h_host, dtype=values.dtype, device=device_of(x))
+            host = np.asarray(to_numpy(values), dtype=np.float64)
+            base = float(host[0]) if need_base else fx
+            # quotients on the host in float64: a step rounded to x's dtype (float32) would
+            # bias every quotient
             if forward:
-                coef = (values[offset:] - base) / hv
+                coef = (host[offset:] - base) / h
             elif self.scheme == "central":
-                coef = (values[:m] - values[m:]) / (2 * hv)
+                coef = (host[:m] - host[m:]) / (2 * h)
             else:  # antithetic: mirrored forward differences, f(x) cancels
-                coef = (values[:m] - values[m:]) / hv
-            grad = scale * (xp.astype(coef, x.dtype) @ u)
-            return Estimate(grad=grad, fx=None if base is None else float(base), queries=n)
+                coef = (host[:m] - host[m:]) / h
+            lazy = DirectionCombination(raw, scale * coef * to_raw, x)
+            return Estimate(fx=None if base is None else float(base), queries=n, lazy=lazy)
 
-        return QueryPlan(x=x, n=n, points=points, finish=finish)
+        return QueryPlan(
+            x=x,
+            n=n,
+            points=points,
+            finish=finish,
+            includes_base=need_base,
+            direction_steps=perturbed,
+        )
 
 
 def _values_for_differences(xp: Any, values: Any, x: Array) -> Array:
@@ -332,7 +397,7 @@ class CGE(Estimator):
     coords: Any = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mu", _check_mu(self.mu))
+        object.__setattr__(self, "mu", check_mu(self.mu))
         if self.scheme not in ("forward", "central"):
             raise ValueError(f"scheme must be 'forward' or 'central' for CGE, got {self.scheme!r}")
 

@@ -23,7 +23,7 @@ Every point a method queries lies inside ``bounds`` when bounds are given.
 from __future__ import annotations
 
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,10 +97,16 @@ def as_box(bounds: Any, dim: int) -> Box | None:
     if bounds is None:
         return None
     if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
-        lb = np.broadcast_to(np.asarray(bounds.lb, dtype=np.float64), (dim,)).copy()
-        ub = np.broadcast_to(np.asarray(bounds.ub, dtype=np.float64), (dim,)).copy()
+        lb, ub = _bound_array("lb", bounds.lb, dim), _bound_array("ub", bounds.ub, dim)
     else:
-        pairs = list(bounds)
+        if isinstance(bounds, str | bytes):
+            raise ValueError(f"bounds must be (low, high) pairs, got {bounds!r}")
+        try:
+            pairs = list(bounds)
+        except TypeError as exc:
+            raise ValueError(
+                f"bounds must be (low, high) pairs or scipy.optimize.Bounds, got {bounds!r}"
+            ) from exc
         if len(pairs) != dim:
             raise ValueError(f"bounds has {len(pairs)} (low, high) pairs but x0 has {dim} entries")
         lb, ub = np.empty(dim), np.empty(dim)
@@ -109,15 +115,49 @@ def as_box(bounds: Any, dim: int) -> Box | None:
                 low, high = pair
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"bounds[{i}] must be a (low, high) pair, got {pair!r}") from exc
-            lb[i] = -np.inf if low is None else float(low)
-            ub[i] = np.inf if high is None else float(high)
+            lb[i] = -np.inf if low is None else _bound_number(f"bounds[{i}] low", low)
+            ub[i] = np.inf if high is None else _bound_number(f"bounds[{i}] high", high)
     if np.any(np.isnan(lb)) or np.any(np.isnan(ub)):
         bad = int(np.flatnonzero(np.isnan(lb) | np.isnan(ub))[0])
         raise ValueError(f"bounds[{bad}] is NaN")
     if np.any(lb > ub):
         bad = int(np.flatnonzero(lb > ub)[0])
         raise ValueError(f"bounds[{bad}] has low {lb[bad]} > high {ub[bad]}")
+    # (inf, inf) or (-inf, -inf) holds no finite point: x0 would be projected to infinity
+    empty = (lb == np.inf) | (ub == -np.inf)
+    if np.any(empty):
+        bad = int(np.flatnonzero(empty)[0])
+        raise ValueError(
+            f"bounds[{bad}] = ({lb[bad]}, {ub[bad]}) holds no finite value; use None or "
+            "-inf/inf for a missing bound"
+        )
     return Box(lb, ub)
+
+
+def _bound_number(name: str, value: Any) -> float:
+    """One bound as a float; a string, bool or other object is refused by name."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError(f"{name} must be a number or None, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a number or None, got {value!r}") from exc
+
+
+def _bound_array(name: str, value: Any, dim: int) -> np.ndarray:
+    """``Bounds.lb``/``ub`` as ``(dim,)`` floats: a number, or one per entry of x0."""
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bounds.{name} must be numbers, got {value!r}") from exc
+    if arr.size == 1 and arr.ndim <= 1:  # one number for every entry (Bounds(0, 1))
+        return np.full(dim, float(arr.reshape(())))
+    if arr.shape != (dim,):
+        raise ValueError(
+            f"bounds.{name} has shape {arr.shape} but x0 has {dim} entries; give one bound "
+            "per entry or a single number"
+        )
+    return arr.copy()
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,7 +268,10 @@ class LBFGS:
     Costs per iteration: ``d`` (or ``2d``) queries for the gradient, plus the line search's
     (usually 1–3). The initial step is ``min(1, 1/‖p‖)`` in the first iteration and after a
     restart of the memory (a unit-length step), 1 afterwards. A non-finite value at a trial
-    point shrinks the step tenfold (divergence guard).
+    point shrinks the step tenfold (divergence guard). A run down an objective unbounded
+    below ends (not converged) with "f appears unbounded below": f under
+    ``-1e15·max(1, |f(x0)|)``, or ``max|x|`` past ``1e15·max(1, max|x0|)`` while f is below
+    f(x0) (:data:`UNBOUNDED`).
 
     With ``restarts=True`` a converged run is restarted from the best point plus a random
     perturbation while the budget lasts (basin hopping with scale ``restart_scale·max(1,
@@ -294,6 +337,7 @@ class LBFGS:
             S: list[np.ndarray] = []
             Y: list[np.ndarray] = []
             restart_sigma, best = self.restart_scale, fx
+            f0, xscale0 = fx, float(np.max(np.abs(x), initial=0.0))
         else:
             x = np.array(state["x"], dtype=np.float64)
             fx, g = float(state["fx"]), np.array(state["g"], dtype=np.float64)
@@ -302,6 +346,7 @@ class LBFGS:
             Y = [np.array(y, dtype=np.float64) for y in state["Y"]]
             restart_sigma, best = float(state["restart_sigma"]), float(state["best"])
             stalls = int(state.get("stalls", 0))
+            f0, xscale0 = float(state["f0"]), float(state["xscale0"])
             if state.get("stop"):  # it had converged at that iteration
                 return str(state["stop"])
         if g.shape != (d,):  # pragma: no cover - guarded by the driver
@@ -352,6 +397,9 @@ class LBFGS:
                     continue
                 return stop
             alpha, x_new, f_new = found
+            runaway = _runaway(x_new, f_new, f0, xscale0)
+            if runaway is not None:
+                return runaway  # the driver keeps x_new: the best point queried
             g_new = yield from self._gradient(x_new, f_new, central, box, like_x, rng)
             if g_new is None:
                 return "the gradient estimate is not finite"
@@ -393,6 +441,8 @@ class LBFGS:
                     "best": best,
                     "stop": stop,
                     "stalls": stalls,
+                    "f0": f0,
+                    "xscale0": xscale0,
                 },
             )
             if stop:
@@ -509,6 +559,29 @@ class LBFGS:
         if g is None:
             g = np.zeros(d)
         return x_new, f_new, g, sigma, best
+
+
+#: L-BFGS stops as on an objective unbounded below when f falls under
+#: ``-UNBOUNDED · max(1, |f(x0)|)``, or when ``max|x|`` passes ``UNBOUNDED · max(1, max|x0|)``
+#: while f is below f(x0) (scipy's L-BFGS-B ends such runs in an abnormal line search)
+UNBOUNDED = 1e15
+
+
+def _runaway(x: np.ndarray, fx: float, f0: float, xscale0: float) -> str | None:
+    """Why the iterate ``x`` with value ``fx`` looks like a run down an objective unbounded
+    below (a message for the result), or ``None``."""
+    size = float(np.max(np.abs(x), initial=0.0))  # inf once x overflowed
+    if fx < -UNBOUNDED * max(1.0, abs(f0)):
+        return (
+            f"f appears unbounded below: f = {fx:.3g} (f(x0) = {f0:.3g}; stopped below "
+            f"-{UNBOUNDED:.0e}·max(1, |f(x0)|)) at max|x| = {size:.3g}"
+        )
+    if fx < f0 and not size <= UNBOUNDED * max(1.0, xscale0):
+        return (
+            f"f appears unbounded below: the iterates run away (max|x| = {size:.3g}, "
+            f"{xscale0:.3g} at x0) while f keeps decreasing (f = {fx:.3g}, f(x0) = {f0:.3g})"
+        )
+    return None
 
 
 def _free(x: np.ndarray, g: np.ndarray, box: Box | None) -> np.ndarray:
@@ -665,3 +738,79 @@ class SPSA:
                 lr=ak,
                 state={"nit": k, "a": a, "x": x.copy()},
             )
+
+
+# ---------------------------------------------------------------------------------------
+# Saved method states (AskTell.load_state_dict checks one whole before using it)
+# ---------------------------------------------------------------------------------------
+_LBFGS_STATE = {
+    "x", "fx", "g", "central", "S", "Y", "restart_sigma", "best", "stop", "stalls", "f0", "xscale0"
+}  # fmt: skip
+_SPSA_STATE = {"nit", "a", "x"}
+_FIXED_STATE = {"nit"}
+
+
+def check_method_state(method: Any, state: Any, dim: int) -> None:
+    """Raise ``ValueError`` naming the first thing in ``state`` (an :attr:`Iterate.state`
+    or ``None``) that ``method`` could not resume from. A method object of your own is
+    trusted with any dict."""
+    if state is None:
+        return
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state method must be a dict or None, got {state!r}")
+    expected = {LBFGS: _LBFGS_STATE, SPSA: _SPSA_STATE, FixedStep: _FIXED_STATE}.get(type(method))
+    if expected is None:
+        return
+    name = type(method).__name__
+    if set(state) != expected:
+        raise ValueError(
+            f"state method is not a {name} state: expected keys {sorted(expected)}, got "
+            f"{sorted(map(str, state))}"
+        )
+    if isinstance(method, LBFGS):
+        _state_vector("x", state["x"], dim)
+        _state_vector("g", state["g"], dim)
+        for key in ("fx", "best", "restart_sigma", "f0", "xscale0"):
+            _state_float(key, state[key])
+        if not isinstance(state["central"], bool | np.bool_):
+            raise ValueError(f"state method central must be a bool, got {state['central']!r}")
+        if state["stop"] is not None and not isinstance(state["stop"], str):
+            raise ValueError(f"state method stop must be a str or None, got {state['stop']!r}")
+        _state_count("stalls", state["stalls"])
+        S, Y = state["S"], state["Y"]
+        if not isinstance(S, list | tuple) or not isinstance(Y, list | tuple) or len(S) != len(Y):
+            raise ValueError("state method S and Y must be lists of the same length")
+        for key, pairs in (("S", S), ("Y", Y)):
+            for i, v in enumerate(pairs):
+                _state_vector(f"{key}[{i}]", v, dim)
+    elif isinstance(method, SPSA):
+        _state_count("nit", state["nit"])
+        _state_vector("x", state["x"], dim)
+        if state["a"] is not None:
+            _state_float("a", state["a"])
+    else:
+        _state_count("nit", state["nit"])
+
+
+def _state_vector(name: str, value: Any, dim: int) -> None:
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"state method {name} is not an array of numbers: {exc}") from exc
+    if arr.shape != (dim,):
+        raise ValueError(f"state method {name} has shape {arr.shape}, expected ({dim},)")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"state method {name} holds a non-finite value")
+
+
+def _state_float(name: str, value: Any) -> None:
+    ok = isinstance(value, int | float | np.floating | np.integer) and not isinstance(
+        value, bool | np.bool_
+    )
+    if not (ok and math.isfinite(float(value))):
+        raise ValueError(f"state method {name} must be a finite number, got {value!r}")
+
+
+def _state_count(name: str, value: Any) -> None:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"state method {name} must be a non-negative integer, got {value!r}")

@@ -39,7 +39,7 @@ import numpy as np
 
 from ._array import Array, as_float_vector, copy_of, like, to_numpy
 from .estimators import RGE, Estimate, Estimator, QueryPlan
-from .methods import LBFGS, SPSA, Box, FixedStep, Iterate, Run, as_box
+from .methods import LBFGS, SPSA, Box, FixedStep, Iterate, Run, as_box, check_method_state
 from .optim import SGD, Adam, Optimizer, SignSGD
 from .oracle import BaseOracle, BudgetExceeded, FunctionOracle, OracleError
 from .schedules import Schedule
@@ -274,7 +274,7 @@ class AskTell:
             restarts=restarts,
         )
         self.optimizer = self.method.optimizer if isinstance(self.method, FixedStep) else None
-        self.rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        self.rng = _make_rng(seed)
         self.nit = 0
         #: the last iteration's gradient estimate, f(x) (``None`` if unknown) and step size
         self.last: Estimate | None = None
@@ -391,9 +391,21 @@ class AskTell:
         nit = state["nit"]
         if isinstance(nit, bool) or not isinstance(nit, int | np.integer) or nit < 0:
             raise ValueError(f"state nit must be a non-negative integer, got {nit!r}")
+        unknown = set(state) - required - {"done", "message", "optimizer"}
+        if unknown:
+            raise ValueError(f"state has unknown keys {sorted(map(str, unknown))}")
+        if self.optimizer is None and "optimizer" in state:
+            raise ValueError(
+                f"state holds an optimizer state, but {type(self.method).__name__} has no "
+                "optimizer (a state of another method?)"
+            )
+        done, message = state.get("done", False), state.get("message")
+        if not isinstance(done, bool | np.bool_):
+            raise ValueError(f"state done must be a bool, got {done!r}")
+        if message is not None and not isinstance(message, str):
+            raise ValueError(f"state message must be a str or None, got {message!r}")
         method_state = state["method"]
-        if method_state is not None and not isinstance(method_state, Mapping):
-            raise ValueError(f"state method must be a dict or None, got {method_state!r}")
+        check_method_state(self.method, method_state, self.dim)
         if self.optimizer is not None:
             self.optimizer.check_state_dict(state["optimizer"], self.dim)
         probe = type(self.rng.bit_generator)()
@@ -407,10 +419,20 @@ class AskTell:
             self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
         self._resume = copy.deepcopy(dict(method_state)) if method_state is not None else None
-        self.done = bool(state.get("done", False))
-        self.message = state.get("message")
+        self.done, self.message = bool(done), message
         self._run, self._pending = None, None
         self._snapshot = copy.deepcopy(dict(state))
+
+
+def _make_rng(seed: Any) -> np.random.Generator:
+    """The generator of ``seed`` (None, an int >= 0 or a Generator); else ``ValueError``."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0
+    ):
+        raise ValueError(f"seed must be None, an integer >= 0 or a numpy Generator, got {seed!r}")
+    return np.random.default_rng(seed)
 
 
 def _host_values(values: Any, n: int) -> np.ndarray:
@@ -421,8 +443,14 @@ def _host_values(values: Any, n: int) -> np.ndarray:
         host = np.asarray(to_numpy(values) if hasattr(values, "shape") else values)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"tell got {values!r}; expected {n} numbers") from exc
+    # bools are refused as minimize refuses them: True is a bug's answer, not a value
+    holds_bool = isinstance(values, list | tuple) and any(
+        isinstance(v, bool | np.bool_) for v in values
+    )
     if host.dtype.kind not in "biuf":
         raise TypeError(f"tell got values of dtype {host.dtype}; expected {n} real numbers")
+    if host.dtype.kind == "b" or holds_bool:
+        raise TypeError(f"tell got {values!r}; expected {n} real numbers, not bools")
     if host.shape != (n,):
         raise ValueError(
             f"tell expects {n} values (one per asked point), got shape {tuple(host.shape)}"
@@ -531,6 +559,8 @@ def minimize(
             isinstance(value, int | float) and value > 0 and math.isfinite(value)
         ):
             raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None, got {callback!r}")
     if not isinstance(args, tuple):
         args = (args,)
     # a method chosen by name takes gtol itself (L-BFGS tests max|ĝ|; the others ignore it);
@@ -635,6 +665,9 @@ class _Driver:
         self.callback = callback
         self.by_keyword = callback is not None and _takes_intermediate_result(callback)
         self.start = oracle.queries
+        self._oracle_best0 = oracle.best_f
+        #: what the plan refused for the budget needed (the limit message is made at the end)
+        self._limit_next: str | None = None
         self.njev = 0
         self.best_x: Array | None = None
         self.best_fun = math.inf
@@ -663,9 +696,7 @@ class _Driver:
         return values
 
     def run(self, progress: bool) -> OptimizeResult:
-        at = self.at
         t0 = time.perf_counter()
-        status, message = STATUS_LIMIT, ""
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -673,70 +704,95 @@ class _Driver:
             total, unit = (self.max_queries, "query") if self.max_queries else (self.maxiter, "it")
             bar = tqdm(total=total, desc="zoopt.minimize", unit=unit, mininterval=0.5)
         try:
-            while True:
-                if self.maxiter is not None and at.nit >= self.maxiter:
-                    status, message = STATUS_LIMIT, f"maxiter={self.maxiter} iterations reached"
-                    break
-                plan = at.next_plan()
-                if plan is None:
-                    message = at.message or "the method finished"
-                    converged = message.startswith("converged")
-                    status = STATUS_CONVERGED if converged else STATUS_FAILED
-                    break
-                if self.max_queries is not None and self.spent + plan.n > self.max_queries:
-                    status = STATUS_LIMIT
-                    message = (
-                        f"max_queries={self.max_queries} reached ({self.spent} spent; the next "
-                        f"{'gradient estimate' if plan.kind == 'gradient' else 'query'} needs "
-                        f"{plan.n})"
-                    )
-                    break
-                before = self.spent
-                try:
-                    values = self._evaluate(plan)
-                except BudgetExceeded as exc:
-                    status, message = STATUS_LIMIT, str(exc)
-                    break
-                except OracleError as exc:
-                    if isinstance(exc, TypeError):  # a string, bool or object: a bug, not data
-                        raise
-                    status, message = STATUS_FAILED, f"oracle failed: {exc}"
-                    break
-                est = at.tell(values)
-                if bar is not None:
-                    bar.update(self.spent - before if self.max_queries else int(est is not None))
-                if est is None:
-                    continue
-                gnorm = float(np.linalg.norm(to_numpy(est.grad)))
-                fun_k = math.nan if at.fun is None else float(at.fun)
-                self.history["fun"].append(fun_k)
-                self.history["fun_at_estimate"].append(math.nan if est.fx is None else est.fx)
-                self.history["nfev"].append(self.spent)
-                self.history["lr"].append(at.lr)
-                self.history["grad_norm"].append(gnorm)
-                if bar is not None:
-                    bar.set_postfix(best=f"{self.best_fun:.6g}", refresh=False)
-                if self.callback is not None and self._call_back(est, fun_k):
-                    status, message = STATUS_CALLBACK, "stopped by callback"
-                    break
-                if self.gtol is not None and gnorm < self.gtol:
-                    status = STATUS_CONVERGED
-                    message = f"converged: gradient estimate norm {gnorm:.3g} < gtol={self.gtol}"
-                    break
+            status, message = self._loop(bar)
         except KeyboardInterrupt:
             status, message = STATUS_INTERRUPTED, "interrupted (KeyboardInterrupt)"
+        except Exception as exc:
+            # a raising callback, or a function returning strings or bools: re-raised as
+            # scipy does, but the best point so far travels with the exception
+            result = self._result(
+                STATUS_FAILED, f"stopped by {type(exc).__name__}: {exc}", t0, final_query=False
+            )
+            try:
+                exc.result = result  # type: ignore[attr-defined]
+                exc.add_note(
+                    "zoopt.minimize: the result so far (best x and f) is this exception's .result"
+                )
+            except (AttributeError, TypeError):  # an exception class that takes no attributes
+                pass
+            raise
         finally:
             if bar is not None:
                 bar.close()
+        return self._result(status, message, t0, final_query=status != STATUS_INTERRUPTED)
+
+    def _loop(self, bar: Any) -> tuple[int, str]:
+        """Iterate until a limit, convergence or failure; returns (status, message)."""
+        at = self.at
+        while True:
+            if self.maxiter is not None and at.nit >= self.maxiter:
+                return STATUS_LIMIT, f"maxiter={self.maxiter} iterations reached"
+            plan = at.next_plan()
+            if plan is None:
+                message = at.message or "the method finished"
+                converged = message.startswith("converged")
+                return (STATUS_CONVERGED if converged else STATUS_FAILED), message
+            if self.max_queries is not None and self.spent + plan.n > self.max_queries:
+                # the count is filled in at the end: a last query at the final iterate may
+                # still fit in the budget (see _result)
+                what = "gradient estimate" if plan.kind == "gradient" else "query"
+                self._limit_next = f"the next {what} needs {plan.n}"
+                return STATUS_LIMIT, ""
+            before = self.spent
+            try:
+                values = self._evaluate(plan)
+            except BudgetExceeded as exc:
+                return STATUS_LIMIT, str(exc)
+            except OracleError as exc:
+                if isinstance(exc, TypeError):  # a string, bool or object: a bug, not data
+                    raise
+                return STATUS_FAILED, f"oracle failed: {exc}"
+            est = at.tell(values)
+            if bar is not None:
+                bar.update(self.spent - before if self.max_queries else int(est is not None))
+            if est is None:
+                continue
+            gnorm = float(np.linalg.norm(to_numpy(est.grad)))
+            fun_k = math.nan if at.fun is None else float(at.fun)
+            self.history["fun"].append(fun_k)
+            self.history["fun_at_estimate"].append(math.nan if est.fx is None else est.fx)
+            self.history["nfev"].append(self.spent)
+            self.history["lr"].append(at.lr)
+            self.history["grad_norm"].append(gnorm)
+            if bar is not None:
+                bar.set_postfix(best=f"{self.best_fun:.6g}", refresh=False)
+            if self.callback is not None and self._call_back(est, fun_k):
+                return STATUS_CALLBACK, "stopped by callback"
+            if self.gtol is not None and gnorm < self.gtol:
+                return (
+                    STATUS_CONVERGED,
+                    f"converged: gradient estimate norm {gnorm:.3g} < gtol={self.gtol}",
+                )
+
+    def _result(self, status: int, message: str, t0: float, *, final_query: bool) -> OptimizeResult:
+        """The result; ``final_query``: f at the last iterate may be asked for (not after
+        Ctrl-C or an exception: the function is not called again then)."""
+        at = self.at
+        if not final_query:
+            self._take_oracle_best()
         last_fun = math.nan if at.fun is None else float(at.fun)
-        if at.fun is None and status not in (STATUS_INTERRUPTED, STATUS_FAILED):
+        if final_query and at.fun is None and status != STATUS_FAILED:
             last_fun = self._final_value(at.x, last_fun)
-        if self.best_x is None and status != STATUS_INTERRUPTED:  # nothing queried yet
+        if final_query and self.best_x is None and status != STATUS_FAILED:  # none queried
             last_fun = self._final_value(at.x, last_fun)
+        if status == STATUS_LIMIT and self._limit_next is not None:
+            message = (
+                f"max_queries={self.max_queries} reached ({self.spent} spent; {self._limit_next})"
+            )
         if status == STATUS_INTERRUPTED:
             message += "; returning the best point so far"
         x_best, f_best = self.best_x, self.best_fun
-        if x_best is None:  # interrupted (or failed) before any value came back
+        if x_best is None:  # stopped before any value came back: f is unknown (NaN)
             x_best, f_best = copy_of(at.x), last_fun
         return OptimizeResult(
             x=x_best,
@@ -756,10 +812,19 @@ class _Driver:
             wall_seconds=time.perf_counter() - t0,
         )
 
+    def _take_oracle_best(self) -> None:
+        """After Ctrl-C inside a batch: values that came back before it are only known to
+        the oracle (the plan never finished); its best is real if it improved in this run."""
+        oracle = self.oracle
+        if oracle.best_x is not None and oracle.best_f < min(self.best_fun, self._oracle_best0):
+            self.best_fun, self.best_x = float(oracle.best_f), copy_of(oracle.best_x)
+
     def _final_value(self, x: Array, default: float) -> float:
         """f at the last iterate if the budget allows (it may be the best point)."""
         if self.max_queries is not None and self.spent >= self.max_queries:
             return default
+        if self.best_x is not None and bool(np.array_equal(to_numpy(self.best_x), to_numpy(x))):
+            return self.best_fun  # already queried there (e.g. x0 when no iteration ran)
         try:
             value = float(self.oracle(x))
         except (BudgetExceeded, OracleError, KeyboardInterrupt):
@@ -770,13 +835,14 @@ class _Driver:
 
     def _call_back(self, est: Estimate, fun_k: float) -> bool:
         at = self.at
+        # copies: the callback may keep or write into what it gets; the run must not change
         state = OptimizeResult(
-            x=at.x,
+            x=copy_of(at.x),
             fun=fun_k,
-            jac=est.grad,
+            jac=copy_of(est.grad),
             nit=at.nit,
             nfev=self.spent,
-            best_x=self.best_x,
+            best_x=None if self.best_x is None else copy_of(self.best_x),
             best_fun=self.best_fun,
         )
         try:

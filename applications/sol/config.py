@@ -34,6 +34,16 @@ def check_positive_int(name: str, value: Any) -> int:
     return value
 
 
+def check_network_shape(width: Any, depth: Any, kernel_size: Any) -> None:
+    """The rules of :class:`CorrectionCNN`'s shape: positive ints, depth >= 2, odd kernel."""
+    for name, value in (("width", width), ("depth", depth), ("kernel_size", kernel_size)):
+        check_positive_int(name, value)
+    if depth < 2:
+        raise ValueError(f"depth must be >= 2, got {depth}")
+    if kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be odd ('same' padding), got {kernel_size}")
+
+
 def _check_grid(name: str, value: Any) -> tuple[int, int]:
     if (
         not isinstance(value, tuple)
@@ -128,8 +138,6 @@ class SolSettings:
             raise ValueError(
                 f"eval_steps must be in [1, frames={self.frames}], got {self.eval_steps}"
             )
-        from .model import check_network_shape
-
         check_network_shape(self.width, self.depth, self.kernel_size)
         if not isinstance(self.lr, Mapping):
             raise ValueError(f"lr must be a mapping method -> learning rate, got {self.lr!r}")

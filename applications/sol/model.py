@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import check_positive_int
+from .config import check_network_shape
 
 if TYPE_CHECKING:
     from .config import SolSettings
@@ -80,16 +80,6 @@ class CorrectionModel(Protocol):
     correction_std: torch.Tensor
 
     def __call__(self, states: torch.Tensor, reynolds: torch.Tensor) -> torch.Tensor: ...
-
-
-def check_network_shape(width: Any, depth: Any, kernel_size: Any) -> None:
-    """The rules of :class:`CorrectionCNN`'s shape: positive ints, depth >= 2, odd kernel."""
-    for name, value in (("width", width), ("depth", depth), ("kernel_size", kernel_size)):
-        check_positive_int(name, value)
-    if depth < 2:
-        raise ValueError(f"depth must be >= 2, got {depth}")
-    if kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd ('same' padding), got {kernel_size}")
 
 
 class CorrectionCNN(nn.Module):

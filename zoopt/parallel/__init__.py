@@ -13,7 +13,7 @@ its own replica of the oracle. See docs/scaling.md.
 * :mod:`~zoopt.parallel.worker` — what runs on the workers.
 
 The torch side (a :class:`~zoopt.torch.ModuleOracle` 's factory and its buffers) lives in
-:mod:`zoopt.torch.replica`; this package never imports torch. Dask is imported when a
+:mod:`zoopt.torch.oracle` and :mod:`zoopt.torch.replica`; this package never imports torch. Dask is imported when a
 cluster is used.
 
     with parallel_oracle(task.oracle, workers=2) as oracle:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import struct
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -67,7 +70,13 @@ def connect(
         # our workers run few, long tasks, so they keep glibc's defaults instead.
         # Keyword arguments (not a LocalCluster object) make the client own the cluster,
         # so closing the client also stops the workers.
-        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        # The active memory manager (ReduceReplicas, every 2 s) drops the broadcast copies
+        # no task is waiting for between steps: the next step then fetches the oracle
+        # factory (a whole model) to a worker again. Our broadcasts are meant to stay.
+        with dask.config.set({
+            "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+            "distributed.scheduler.active-memory-manager.start": False,
+        }):  # fmt: skip
             return Client(
                 n_workers=n,
                 threads_per_worker=1,
@@ -77,7 +86,12 @@ def connect(
             )
     if not isinstance(scheduler, str) or "://" not in scheduler:
         raise ValueError(f"scheduler must be an address like 'tcp://host:8786', got {scheduler!r}")
-    client = Client(scheduler, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    if scheduler.startswith("tcp://"):
+        # Dask's own connect waits forever on a peer that accepts and stays silent, and
+        # reads an HTTP answer as a frame length (a 3 EiB allocation): check the peer first
+        _probe_scheduler(scheduler, deadline, timeout)
+    client = Client(scheduler, timeout=max(1.0, deadline - time.monotonic()))
     if workers is not None:
         try:
             client.wait_for_workers(int(workers), timeout=timeout)
@@ -85,6 +99,72 @@ def connect(
             client.close()
             raise
     return client
+
+
+#: a scheduler's handshake is a small dict; a first frame claiming more is not Dask
+_MAX_HANDSHAKE_BYTES = 16 * 2**20
+
+
+def _probe_scheduler(address: str, deadline: float, timeout: float) -> None:
+    """Check that ``tcp://host:port`` answers like a Dask scheduler before ``deadline``.
+
+    A Dask listener sends its handshake first: an 8-byte little-endian frame length, then
+    that many bytes. A refused connection is retried until the deadline (the scheduler may
+    be starting); a peer that accepts but sends nothing, or sends something else, is
+    refused with ``TimeoutError``/``ConnectionError`` naming the address.
+    """
+    host, port = _host_port(address)
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"no Dask scheduler answered at {address} within timeout={timeout} s"
+            )
+        try:
+            sock = socket.create_connection((host, port), timeout=left)
+            break
+        except ConnectionRefusedError:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        except TimeoutError:
+            continue
+        except OSError as exc:
+            raise ConnectionError(f"cannot reach the scheduler at {address}: {exc}") from exc
+    with sock:
+        header = b""
+        while len(header) < 8:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{address} accepted the connection but sent no Dask handshake within "
+                    f"timeout={timeout} s: is it a Dask scheduler?"
+                )
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(8 - len(header))
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise ConnectionError(f"the scheduler at {address} failed: {exc}") from exc
+            if not chunk:
+                raise ConnectionError(
+                    f"{address} closed the connection without a Dask handshake: is it a Dask "
+                    "scheduler?"
+                )
+            header += chunk
+    (size,) = struct.unpack("<Q", header)
+    if not 0 < size <= _MAX_HANDSHAKE_BYTES:
+        raise ConnectionError(
+            f"{address} answered {header!r}, not a Dask handshake: is it a Dask scheduler?"
+        )
+
+
+def _host_port(address: str) -> tuple[str, int]:
+    """``tcp://host:port`` (IPv6 hosts in brackets) as ``(host, port)``."""
+    rest = address.split("://", 1)[1].rstrip("/")
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"scheduler address {address!r} has no port (e.g. 'tcp://host:8786')")
+    return host.strip("[]"), int(port)
 
 
 @contextlib.contextmanager

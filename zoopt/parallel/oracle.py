@@ -15,7 +15,12 @@ What travels (everything scattered is broadcast to all workers once):
 * the flat parameter vector ``x`` — once per step (reused while ``x`` does not change);
 * the local oracle's :meth:`~ReplicableOracle.model_state` (e.g. BatchNorm running
   statistics) — when it changes, so replicas see exactly what the local oracle would;
-* each worker's coordinate chunk — with its task; the values come back.
+* each worker's coordinate chunk — with its task; the values come back;
+* seeded directions (:meth:`ParallelOracle.eval_direction_steps`, RGE) — the step's seed
+  and, per row, a direction index and a step, with the task: a few bytes per query whatever
+  d is. Each worker regenerates its directions from the seed; no point is ever sent.
+
+Every byte sent is accounted in :attr:`ParallelOracle.traffic` (see :func:`wire_bytes`).
 
 A worker that dies mid-step loses only its task: Dask reschedules it on another worker (tasks
 prefer a worker but are never pinned to it), and a fresh worker rebuilds its replica from
@@ -33,6 +38,7 @@ is re-measured by its own first step at no cost. Without groups, chunks have equ
 from __future__ import annotations
 
 import contextlib
+import pickle
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -41,6 +47,7 @@ import numpy as np
 
 from .._array import Array, copy_of, device_of, namespace, to_numpy
 from .._coords import check_coords
+from ..directions import DirectionSteps
 from ..oracle import BaseOracle, BudgetExceeded, DifferentiableOracle, OracleError
 from . import worker
 from .balance import GroupCosts, plan_probes, predict_group_cost, split_by_cost, split_equal
@@ -49,14 +56,35 @@ from .protocol import CostClock, ReplicableOracle, check_replicable
 
 Balance = Literal["auto", "cost", "equal"]
 
-__all__ = ["Balance", "ParallelOracle", "parallel_oracle"]
+__all__ = ["TRAFFIC_KINDS", "Balance", "ParallelOracle", "parallel_oracle", "wire_bytes"]
+
+#: what :attr:`ParallelOracle.traffic` counts, in bytes: the factory, data batches and model
+#: state broadcast to the workers, ``x`` broadcast to the workers, the query tasks sent
+#: (function reference, keys, policy, the chunk: coordinates, rows or seeded-direction rows)
+#: and the values received back
+TRAFFIC_KINDS = ("factory", "batch", "state", "x", "tasks", "values")
 
 
-def _check_picklable(factory: Any) -> None:
+def wire_bytes(obj: Any) -> int:
+    """Bytes ``obj`` takes on the wire: its pickle (protocol 5, as Dask pickles it) plus its
+    out-of-band buffers (numpy arrays travel as separate frames, counted at their
+    ``nbytes``, without copying them here). Excludes Dask's framing (a few dozen bytes per
+    message)."""
     import cloudpickle
 
+    out_of_band = 0
+
+    def count(buffer: pickle.PickleBuffer) -> None:
+        nonlocal out_of_band
+        out_of_band += buffer.raw().nbytes
+
+    return len(cloudpickle.dumps(obj, protocol=5, buffer_callback=count)) + out_of_band
+
+
+def _check_picklable(factory: Any) -> int:
+    """The factory's :func:`wire_bytes`; ``TypeError`` if it cannot be pickled."""
     try:
-        cloudpickle.dumps(factory)
+        return wire_bytes(factory)
     except Exception as exc:
         raise TypeError(
             f"the oracle factory {factory!r} must be picklable to reach the workers "
@@ -96,6 +124,10 @@ class ParallelOracle(BaseOracle):
 
     The query counter starts where ``oracle.queries`` stands. Cost probes are not charged
     (they are tuning, not estimation); they are counted in ``calibration_queries``.
+
+    ``traffic`` counts the bytes sent and received since creation by kind
+    (:data:`TRAFFIC_KINDS`; :func:`wire_bytes` of each message; a broadcast counts once per
+    worker it reaches); ``last_call["bytes"]`` has the same for the last query call.
     """
 
     def __init__(
@@ -125,7 +157,7 @@ class ParallelOracle(BaseOracle):
         if not 0.0 < cost_update_weight <= 1.0:
             raise ValueError(f"cost_update_weight must be in (0, 1], got {cost_update_weight!r}")
         factory = local.replica_factory()
-        _check_picklable(factory)
+        factory_bytes = _check_picklable(factory)
         super().__init__(
             int(local.dim),
             max_queries=local.max_queries,
@@ -141,8 +173,11 @@ class ParallelOracle(BaseOracle):
         self.cost_update_weight = float(cost_update_weight)
         self.token = f"zoopt-{uuid.uuid4().hex}"
         self.calibration_queries = 0
-        #: per-call diagnostics of the last parallel evaluation (sizes, seconds)
+        #: per-call diagnostics of the last parallel evaluation (sizes, seconds, bytes)
         self.last_call: dict[str, Any] = {}
+        #: bytes sent to (and, ``"values"``, received from) the workers, by kind
+        self.traffic: dict[str, int] = dict.fromkeys(TRAFFIC_KINDS, 0)
+        self._traffic_mark = dict(self.traffic)
         groups = local.cost_groups() if groups is None else list(groups)
         if balance == "cost" and not groups:
             raise ValueError("balance='cost' needs cost groups (pass groups=[(start, stop), ...])")
@@ -154,7 +189,7 @@ class ParallelOracle(BaseOracle):
         self._policy = worker.Policy(local.on_error, local.on_nonfinite, clock)
         self._calls = 0
         self._closed = False
-        self._factory_f = self._broadcast(factory, "the oracle factory")
+        self._factory_f = self._broadcast(factory, "the oracle factory", "factory", factory_bytes)
         self._batch: worker.Batch | None = None
         self._batch_f: Any = None
         self._vector: worker.Vector | None = None
@@ -169,7 +204,7 @@ class ParallelOracle(BaseOracle):
         self.local.set_batch(*arrays)
         version = 0 if self._batch is None else self._batch.version + 1
         self._batch = worker.Batch(version, tuple(np.array(to_numpy(a), copy=True) for a in arrays))
-        self._batch_f = self._broadcast(self._batch, "the batch")
+        self._batch_f = self._broadcast(self._batch, "the batch", "batch")
 
     def base_value(self, x: Array) -> float:
         """f(x) on the local oracle (1 query): the one unperturbed forward of a step, which
@@ -211,6 +246,7 @@ class ParallelOracle(BaseOracle):
             )
         n = int(X.shape[0])
         first = self._charge(n)
+        self._traffic_mark = dict(self.traffic)
         xp = namespace(X)
         if n == 0:
             return xp.zeros((0,), dtype=X.dtype, device=device_of(X))
@@ -241,6 +277,7 @@ class ParallelOracle(BaseOracle):
         coords_np = check_coords(coords, self.dim)
         k = int(coords_np.size)
         first = self._charge(k)
+        self._traffic_mark = dict(self.traffic)
         xp = namespace(x)
         if k == 0:
             return xp.zeros((0,), dtype=x.dtype, device=device_of(x))
@@ -279,6 +316,53 @@ class ParallelOracle(BaseOracle):
             return p
 
         self._track_best(values, point)
+        return values
+
+    def eval_direction_steps(self, x: Array, steps: DirectionSteps) -> Array:
+        """f(x + steps.steps[r]·u_{steps.index[r]}) for each row r → ``(rows,)``; ``rows``
+        queries, split into one contiguous run of rows per worker.
+
+        What travels: ``x`` (broadcast once, reused while unchanged, as for coordinate
+        steps) and, with each worker's task, the step's seed, count, ``dim`` and ``dist``
+        and its rows' direction indices and steps: O(rows) bytes, independent of d. Each
+        worker regenerates its directions from the seed (a ``ModuleOracle`` replica perturbs
+        its parameters in place). The values come back in row order and equal the local
+        oracle's ``eval_direction_steps`` bit for bit, whatever the number of workers. The
+        best point, when a value improves it, is rebuilt here from the seed.
+        """
+        self._check_point(x)
+        if not isinstance(steps, DirectionSteps):
+            raise TypeError(f"steps must be a zoopt.directions.DirectionSteps, got {steps!r}")
+        if steps.directions.dim != self.dim:
+            raise ValueError(
+                f"the directions have dim={steps.directions.dim} but the oracle has dim={self.dim}"
+            )
+        rows = len(steps)
+        first = self._charge(rows)
+        self._traffic_mark = dict(self.traffic)
+        xp = namespace(x)
+        if rows == 0:
+            return xp.zeros((0,), dtype=x.dtype, device=device_of(x))
+        vector_f = self._sync_vector(x)
+        state_f = self._sync_state()
+        workers = self._workers()
+        chunks = split_equal(np.arange(rows), len(workers))
+        self._calls += 1
+        futures = [
+            self._submit(
+                worker.direction_steps,
+                f"directions-{i}",
+                workers[i],
+                vector_f,
+                self._batch_f,
+                state_f,
+                steps.rows(int(chunk[0]), int(chunk[-1]) + 1),
+            )
+            for i, chunk in enumerate(chunks)
+        ]
+        results = self._gather(futures, first, [c.size for c in chunks], "direction steps")
+        values = self._values(np.concatenate([r[0] for r in results]), rows, x)
+        self._track_best(values, lambda i: steps.rows(i, i + 1).points(x)[0])
         return values
 
     def _values(self, host: np.ndarray, n: int, like: Array) -> Array:
@@ -378,8 +462,13 @@ class ParallelOracle(BaseOracle):
             raise RuntimeError("this ParallelOracle is closed")
         return workers_of(self.client, self.timeout)
 
-    def _broadcast(self, obj: Any, what: str) -> Any:
-        return broadcast(self.client, obj, self.timeout, what)
+    def _broadcast(self, obj: Any, what: str, kind: str, size: int | None = None) -> Any:
+        future = broadcast(self.client, obj, self.timeout, what)
+        # one copy reaches every worker (Dask routes it through the scheduler and replicates
+        # it between workers; what is counted is what each worker receives)
+        reached = len(workers_of(self.client, self.timeout))
+        self.traffic[kind] += (wire_bytes(obj) if size is None else size) * reached
+        return future
 
     def _sync_vector(self, x: Array) -> Any:
         host = np.asarray(to_numpy(x))
@@ -387,7 +476,7 @@ class ParallelOracle(BaseOracle):
         if v is None or v.values.dtype != host.dtype or not np.array_equal(v.values, host):
             version = 0 if v is None else v.version + 1
             self._vector = worker.Vector(version, np.array(host, copy=True))
-            self._vector_f = self._broadcast(self._vector, "x")
+            self._vector_f = self._broadcast(self._vector, "x", "x")
         return self._vector_f
 
     def _sync_state(self) -> Any:
@@ -398,23 +487,28 @@ class ParallelOracle(BaseOracle):
         if s is None or not _same_state(s.arrays, current):
             version = 0 if s is None else s.version + 1
             self._state = worker.ModelState(version, current)
-            self._state_f = self._broadcast(self._state, "the model state")
+            self._state_f = self._broadcast(self._state, "the model state", "state")
         return self._state_f
 
     def _submit(self, fn: Callable[..., Any], name: str, address: str, *args: Any) -> Any:
         key = f"{fn.__name__}-{self.token}-{self._calls}-{name}"
-        return submit(
-            self.client, fn, key, address, self.token, self._factory_f, self._policy, *args
-        )
+        args = (self.token, self._factory_f, self._policy, *args)
+        # the task as Dask sends it: the function by reference, scattered values as their
+        # keys, the rest (policy, chunk) by value
+        self.traffic["tasks"] += wire_bytes((fn, key, address, args))
+        return submit(self.client, fn, key, address, *args)
 
     def _gather(self, futures: list[Any], first: int, sizes: list[int], what: str) -> list[Any]:
         """Results of the workers' query tasks (in order), recorded in ``last_call``."""
         results = gather(self.client, futures, self.timeout, what, (first, first + sum(sizes) - 1))
+        self.traffic["values"] += sum(wire_bytes(r) for r in results)
+        mark = self._traffic_mark
         self.last_call = {
             "what": what,
             "chunk_sizes": list(sizes),
             "worker_seconds": [float(r[1]) for r in results],
             "worker_cpu_seconds": [float(r[2]) for r in results],
+            "bytes": {kind: self.traffic[kind] - mark.get(kind, 0) for kind in TRAFFIC_KINDS},
         }
         return results
 

@@ -8,7 +8,7 @@ member of the protocol; an oracle without one declares it by the member's docume
 ``set_batch`` raises ``TypeError``), never by leaving the member out.
 
 * :class:`~zoopt.torch.ModuleOracle` is replicable (its factory is
-  :class:`~zoopt.torch.replica.ModuleOracleFactory`; its model state is the module's
+  :class:`~zoopt.torch.oracle.ModuleOracleFactory`; its model state is the module's
   buffers, e.g. BatchNorm running statistics).
 * A plain black box (a numpy function, any :class:`~zoopt.BaseOracle` without data or state)
   becomes replicable with :func:`replicable`: ``replicable(build)`` for a picklable
@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from .._array import Array
+from ..directions import DirectionSteps
 from ..oracle import BaseOracle, ErrorPolicy
 
 CostClock = Literal["cpu", "wall"]
@@ -56,7 +57,8 @@ class ReplicableOracle(Protocol):
     """An oracle that can be replicated on workers and kept in sync with the client's.
 
     Queries (as :class:`~zoopt.BaseOracle`): ``batch(X)`` with ``X`` of shape ``(n, dim)``
-    → ``(n,)``; ``eval_coordinate_steps(x, coords, step)`` → ``(k,)``. On workers they
+    → ``(n,)``; ``eval_coordinate_steps(x, coords, step)`` → ``(k,)``;
+    ``eval_direction_steps(x, steps)`` → ``(rows,)`` (seeded directions, regenerated). On workers they
     receive host numpy arrays (``x``, ``X``, the batch) and convert them as they need.
     ``queries``, ``max_queries``, ``on_error``, ``on_nonfinite``, ``max_batch_bytes``: the
     counter, budget and policy of :class:`~zoopt.BaseOracle`; a parallel oracle takes its
@@ -75,6 +77,11 @@ class ReplicableOracle(Protocol):
 
     def eval_coordinate_steps(self, x: Array, coords: Array, step: float) -> Array:
         """f(x + step e_c) for each c in ``coords``; ``k`` queries."""
+        ...
+
+    def eval_direction_steps(self, x: Array, steps: DirectionSteps) -> Array:
+        """f(x + steps.steps[r]·u_{steps.index[r]}) for each row r of seeded directions;
+        ``len(steps)`` queries (every :class:`~zoopt.BaseOracle` has it)."""
         ...
 
     def set_batch(self, *arrays: Any) -> None:
@@ -207,6 +214,9 @@ class StatelessReplica:
 
     def eval_coordinate_steps(self, x: Array, coords: Array, step: float) -> Array:
         return self.oracle.eval_coordinate_steps(x, coords, step)
+
+    def eval_direction_steps(self, x: Array, steps: DirectionSteps) -> Array:
+        return self.oracle.eval_direction_steps(x, steps)
 
     def set_batch(self, *arrays: Any) -> None:
         raise TypeError(f"the oracle {self.oracle!r} takes no data batch (it is stateless)")

@@ -7,6 +7,8 @@ the client's data batch and model state, which travel as versioned, scattered va
 replica loads each version once.
 
 Replicas receive host numpy arrays (``x``, rows, the batch) and return host numpy values.
+Seeded directions travel as their seed and a few numbers per row
+(:class:`~zoopt.directions.DirectionSteps`): each worker regenerates its directions.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .._array import to_numpy
+from ..directions import DirectionSteps
 from .protocol import CostClock, OracleFactory, ReplicableOracle
 
 # What is scattered is wrapped in frozen dataclasses, so Dask does not split tuples and
@@ -173,6 +176,34 @@ def batch_values(
         oracle = _synced(replica, batch, state)
         wall, cpu = time.perf_counter(), time.process_time()
         values = oracle.batch(X)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return np.array(to_numpy(values), copy=True), wall, cpu
+
+
+def direction_steps(
+    token: str,
+    factory: OracleFactory,
+    policy: Policy,
+    vector: Vector,
+    batch: Batch | None,
+    state: ModelState | None,
+    steps: DirectionSteps,
+) -> tuple[np.ndarray, float, float]:
+    """f(x + steps.steps[r]·u_{steps.index[r]}) for this worker's rows; ``len(steps)``
+    queries.
+
+    ``steps`` holds the step's seed, the direction count, ``dim`` and ``dist`` and, per row,
+    a direction index and a step: O(rows) numbers whatever d is. The replica regenerates the
+    directions itself (a :class:`~zoopt.torch.ModuleOracle` perturbs its parameters in place
+    and restores them exactly; other oracles build the points in chunks).
+
+    Returns values ``(rows,)``, wall seconds, CPU seconds.
+    """
+    replica = replica_for(token, factory, policy)
+    with replica.lock:
+        oracle = _synced(replica, batch, state)
+        wall, cpu = time.perf_counter(), time.process_time()
+        values = oracle.eval_direction_steps(vector.values, steps)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return np.array(to_numpy(values), copy=True), wall, cpu
 

@@ -8,7 +8,7 @@ from .engine import (
 )
 from .models import CNN8, ResNet20, SmallCNN, build_model, stages_of
 from .oracle import ModuleOracle
-from .params import ParamGroup, ParamView, preserved_buffers
+from .params import ParamGroup, ParamView, preserved_buffers, select_trainable
 from .user_model import build_user_model, load_weights
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "load_weights",
     "naive_coordinate_values",
     "preserved_buffers",
+    "select_trainable",
     "stages_of",
 ]

@@ -8,19 +8,63 @@ bar, the ``--max-queries`` budget). Write your own by overriding any hook.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, Any, Protocol
 
 import numpy as np
 import torch
 
+from ..interrupts import deferred_interrupt
 from ..oracle import BudgetExceeded
 
-if TYPE_CHECKING:
-    from .train import TrainConfig, Trainer
+
+class RunProgress(Protocol):
+    """The counters of a run that callbacks read (:class:`~zoopt.torch.train.TrainState`)."""
+
+    epoch: int
+    step_in_epoch: int
+    global_step: int
+    queries: int
+    history: list[dict[str, Any]]
+
+
+class RunRecipe(Protocol):
+    """The settings callbacks read (:class:`~zoopt.torch.train.TrainConfig` has them)."""
+
+    method: str
+    epochs: int
+    sparsity: float
+    checkpoint_every: int
+    progress: bool
+    plots: bool
+    max_queries: int | None
+
+
+class TrainerView(Protocol):
+    """What a callback sees of the trainer (:class:`~zoopt.torch.train.Trainer` implements
+    it). Declared here so that this module, below the trainer, never imports it."""
+
+    state: RunProgress
+    config: RunRecipe
+    steps_per_epoch: int
+
+    def queries_next_step(self) -> int: ...
+
+    def epoch_elapsed(self) -> float: ...
+
+    def state_payload(self) -> dict[str, Any]: ...
+
+    def load_payload(self, payload: dict[str, Any], source: str = "checkpoint") -> None: ...
+
+    def summary(self, stopped: str | None = None) -> dict[str, Any]: ...
+
 
 #: Checkpoint file layout version.
 CHECKPOINT_FORMAT = 2
@@ -41,25 +85,25 @@ class Callback:
       ``"interrupted"``, ``"query budget exhausted"`` or ``"error"``.
     """
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, trainer: TrainerView) -> None:
         pass
 
-    def before_step(self, trainer: Trainer) -> None:
+    def before_step(self, trainer: TrainerView) -> None:
         pass
 
-    def on_step(self, trainer: Trainer, loss: float, queries: int) -> None:
+    def on_step(self, trainer: TrainerView, loss: float, queries: int) -> None:
         pass
 
-    def on_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         pass
 
-    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def after_epoch(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         pass
 
-    def on_checkpoint(self, trainer: Trainer) -> None:
+    def on_checkpoint(self, trainer: TrainerView) -> None:
         pass
 
-    def on_stop(self, trainer: Trainer, why: str | None) -> None:
+    def on_stop(self, trainer: TrainerView, why: str | None) -> None:
         pass
 
 
@@ -76,28 +120,26 @@ class Checkpoint(Callback):
         self.path = Path(path)
         self.every = int(every)
 
-    def on_step(self, trainer: Trainer, loss: float, queries: int) -> None:
+    def on_step(self, trainer: TrainerView, loss: float, queries: int) -> None:
         if self.every and trainer.state.global_step % self.every == 0:
             self.save(trainer)
 
-    def on_checkpoint(self, trainer: Trainer) -> None:
+    def on_checkpoint(self, trainer: TrainerView) -> None:
         self.save(trainer)
 
-    def on_stop(self, trainer: Trainer, why: str | None) -> None:
+    def on_stop(self, trainer: TrainerView, why: str | None) -> None:
         self.save(trainer)
         if why in ("interrupted", "query budget exhausted"):
             print(f"\nzoopt train: {why}; checkpoint saved to {self.path} (resume with --resume)")
 
-    def save(self, trainer: Trainer) -> None:
-        from .train import deferred_interrupt
-
+    def save(self, trainer: TrainerView) -> None:
         payload = trainer.state_payload()
         payload["format"] = CHECKPOINT_FORMAT
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
         with deferred_interrupt():
-            torch.save(payload, tmp)
-            os.replace(tmp, self.path)
+            replace_atomically(
+                self.path, self.path.with_suffix(".tmp"), lambda fh: torch.save(payload, fh)
+            )
 
     def read(self) -> dict[str, Any]:
         """The payload, or ``ValueError`` naming the file and what is wrong with it."""
@@ -116,7 +158,7 @@ class Checkpoint(Callback):
             )
         return payload
 
-    def restore(self, trainer: Trainer) -> bool:
+    def restore(self, trainer: TrainerView) -> bool:
         """Load the checkpoint into ``trainer`` if there is one; whether there was."""
         if not self.path.exists():
             print(f"zoopt train: no checkpoint in {self.path.parent}; starting from scratch")
@@ -140,13 +182,14 @@ class MetricsLog(Callback):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, trainer: TrainerView) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(row) + "\n" for row in trainer.state.history))
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(row) + "\n" for row in trainer.state.history)
+        replace_atomically(
+            self.path, self.path.with_suffix(".jsonl.tmp"), lambda fh: fh.write(text.encode())
+        )
 
-    def on_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def on_epoch(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
 
@@ -157,12 +200,15 @@ class SummaryFile(Callback):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def on_stop(self, trainer: Trainer, why: str | None) -> None:
+    def on_stop(self, trainer: TrainerView, why: str | None) -> None:
         stopped = why if why in ("interrupted", "query budget exhausted") else None
         summary = trainer.summary(stopped=stopped)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w") as fh:
-            json.dump(summary, fh, indent=2)
+        text = json.dumps(summary, indent=2)
+        # a full disk must not leave a truncated summary in place of the last good one
+        replace_atomically(
+            self.path, self.path.with_suffix(".json.tmp"), lambda fh: fh.write(text.encode())
+        )
 
 
 class CurvePlot(Callback):
@@ -171,7 +217,7 @@ class CurvePlot(Callback):
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
 
-    def after_epoch(self, trainer: Trainer, row: dict[str, Any]) -> None:
+    def after_epoch(self, trainer: TrainerView, row: dict[str, Any]) -> None:
         import matplotlib
 
         matplotlib.use("Agg")
@@ -203,7 +249,7 @@ class Progress(Callback):
     def __init__(self) -> None:
         self.bar: Any = None
 
-    def on_start(self, trainer: Trainer) -> None:
+    def on_start(self, trainer: TrainerView) -> None:
         from tqdm.auto import tqdm
 
         total = trainer.config.epochs * trainer.steps_per_epoch
@@ -216,7 +262,7 @@ class Progress(Callback):
             mininterval=1.0,
         )
 
-    def on_step(self, trainer: Trainer, loss: float, queries: int) -> None:
+    def on_step(self, trainer: TrainerView, loss: float, queries: int) -> None:
         if self.bar is None:
             return
         st = trainer.state
@@ -230,7 +276,7 @@ class Progress(Callback):
             refresh=False,
         )
 
-    def on_stop(self, trainer: Trainer, why: str | None) -> None:
+    def on_stop(self, trainer: TrainerView, why: str | None) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -244,18 +290,21 @@ class QueryBudget(Callback):
             raise ValueError(f"max_queries must be a positive integer, got {max_queries!r}")
         self.max_queries = max_queries
 
-    def before_step(self, trainer: Trainer) -> None:
+    def before_step(self, trainer: TrainerView) -> None:
         need = trainer.queries_next_step()
         if trainer.state.queries + need > self.max_queries:
             raise BudgetExceeded(trainer.state.queries, self.max_queries, None, math.nan)
 
 
 def default_callbacks(
-    config: TrainConfig, out_dir: str | os.PathLike, extra_summary: dict[str, Any] | None = None
+    config: RunRecipe, out_dir: str | os.PathLike, extra_summary: dict[str, Any] | None = None
 ) -> list[Callback]:
-    """What ``zoopt train`` writes into ``out_dir``, as callbacks, in the order they run."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """What ``zoopt train`` writes into ``out_dir``, as callbacks, in the order they run.
+
+    ``out_dir`` is checked (:func:`check_out_dir`) and created first: a folder the run
+    could not write fails here, before any training.
+    """
+    out = check_out_dir(out_dir)
     callbacks: list[Callback] = [
         Checkpoint(out / "checkpoint.pt", every=config.checkpoint_every),
         MetricsLog(out / "metrics.jsonl"),
@@ -273,3 +322,88 @@ def default_callbacks(
 def tensors(state: dict[str, Any]) -> dict[str, Any]:
     """numpy arrays in a (flat) state dict as tensors, so it loads with weights_only=True."""
     return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+
+
+#: the files :func:`default_callbacks` write into the output folder (and their temporaries)
+OUTPUT_FILES = (
+    "checkpoint.pt",
+    "checkpoint.tmp",
+    "metrics.jsonl",
+    "metrics.jsonl.tmp",
+    "summary.json",
+    "summary.json.tmp",
+    "curves.png",
+)
+
+
+def check_out_dir(out_dir: str | os.PathLike, label: str = "output folder") -> Path:
+    """Create ``out_dir`` if needed and check that a run can write its files there; returns
+    it as a ``Path``. Called before training, so that a run never ends in results it cannot
+    save.
+
+    Raises:
+        OSError: (the same kind as the system's, e.g. ``PermissionError``, with ``errno``)
+            naming ``label`` and the path: ``out_dir`` is a file, lies under a file, cannot
+            be created or written to, or one of :data:`OUTPUT_FILES` is a folder there.
+    """
+    out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{label} {str(out)!r} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = exc.strerror
+        blocker = next((a for a in out.parents if a.exists() and not a.is_dir()), None)
+        if blocker is not None:
+            why = f"{str(blocker)!r} is a file, not a folder"
+        raise type(exc)(exc.errno, f"{label} {str(out)!r}: cannot create it ({why})") from exc
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise IsADirectoryError(
+                errno.EISDIR,
+                f"{label} {str(out)!r}: {name} there is a folder, where the run writes a file",
+            )
+    probe = None
+    try:  # a real write: permission bits, read-only file systems, a full disk, root
+        fd, probe = tempfile.mkstemp(prefix=".zoopt-write-test-", dir=out)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(b"ok")
+    except OSError as exc:
+        raise type(exc)(
+            exc.errno, f"{label} {str(out)!r} is not writable ({exc.strerror})"
+        ) from exc
+    finally:
+        if probe is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(probe)
+    return out
+
+
+def replace_atomically(path: Path, tmp: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """Write ``path`` through ``tmp``: ``write(file)`` fills ``tmp``, which then replaces
+    ``path``. If anything fails (a full disk, a permission, an interrupt), ``path`` is as it
+    was and ``tmp`` is removed; a failed write is an ``OSError`` naming ``path``.
+    """
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if not isinstance(exc, OSError | RuntimeError):
+            raise  # an interrupt, or a bug: as it is
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__context__  # torch reports a failed write as a RuntimeError
+        if isinstance(cause, OSError):
+            detail = cause.strerror or _first_line(cause)
+            raise type(cause)(cause.errno, f"cannot write {path} ({detail})") from exc
+        if "inline_container" in str(exc):  # torch's writer failed without an OSError
+            raise OSError(f"cannot write {path} ({_first_line(exc)})") from exc
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -11,11 +15,12 @@ import torch
 from torch import nn
 
 from .._coords import check_coords
+from ..directions import DirectionSteps
 from ..oracle import DEFAULT_MAX_BATCH_BYTES, BaseOracle
 from .engine import LossFn, SparseCGEEngine, cast_for_loss
 from .engine.graph import same_randomness
 from .params import ParamView, preserved_buffers
-from .replica import ModuleOracleFactory, load_module_state, module_state
+from .replica import load_module_state, module_state
 
 
 class ModuleOracle(BaseOracle):
@@ -62,6 +67,10 @@ class ModuleOracle(BaseOracle):
         max_cache_bytes: int | None = None,
         **policy: Any,
     ):
+        given = locals()
+        #: every keyword this oracle was built with (its options and policy), read from the
+        #: signature so that a replica (:class:`ModuleOracleFactory`) is built the same way
+        self.options: dict[str, Any] = {name: given[name] for name in _KEYWORDS} | policy
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if not callable(loss_fn):
@@ -105,7 +114,21 @@ class ModuleOracle(BaseOracle):
 
     # -- data ---------------------------------------------------------------------------
     def set_batch(self, inputs: Any, targets: Any) -> None:
-        """Use this minibatch from now on: ``inputs (B, ...)``, ``targets (B, ...)``."""
+        """Use this minibatch from now on: ``inputs (B, ...)``, ``targets (B, ...)``.
+
+        ``inputs`` is one tensor (or numpy array), passed to the model as ``module(inputs)``:
+        floating inputs are cast to the parameters' dtype, integer inputs (token ids
+        ``(B, T)``) are kept as they are. ``targets`` keep their dtype (the loss casts
+        floating ones to ``loss_dtype``). A model that needs several inputs (``input_ids``
+        and ``attention_mask``) is wrapped in a module taking one tensor (docs/your_model.md).
+        """
+        if hasattr(inputs, "keys") and not isinstance(inputs, torch.Tensor):  # a dict
+            raise TypeError(
+                f"inputs must be one tensor, got a {type(inputs).__name__} with keys "
+                f"{sorted(map(str, inputs))}: wrap the model in a module whose forward takes "
+                "one tensor and builds the other inputs (see 'Hugging Face models' in "
+                "docs/your_model.md)"
+            )
         inputs = _as_tensor(inputs, "inputs").to(self.view.device)
         targets = _as_tensor(targets, "targets").to(self.view.device)
         if inputs.ndim < 1 or targets.ndim < 1 or inputs.shape[0] != targets.shape[0]:
@@ -132,7 +155,7 @@ class ModuleOracle(BaseOracle):
         if not any(m.training for m in self.module.modules()):
             return contextlib.nullcontext()
         if self._batch_seed is None:
-            inputs, targets = self._batch()
+            inputs, targets = self._minibatch()
             self._batch_seed = _content_seed(inputs, targets)
         return same_randomness(self._batch_seed, self.view.device)
 
@@ -140,18 +163,20 @@ class ModuleOracle(BaseOracle):
         """The engine's plan for this model and batch (see ``SparseCGEEngine.explain``)."""
         if self.engine is None:
             return "ModuleOracle(engine=False): every query runs a full forward"
-        inputs, _ = self._batch()
+        inputs, _ = self._minibatch()
         with self._same_randomness(), torch.no_grad(), preserved_buffers(self.module):
             return self.engine.explain(inputs)
 
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _minibatch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inputs is None or self.targets is None:
             raise ValueError("no minibatch: call set_batch(inputs, targets) first")
         return self.inputs, self.targets
 
     # -- evaluation ---------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(*cast_for_loss(logits, targets, self.loss_dtype))
+    def _loss(self, output: Any, targets: torch.Tensor) -> torch.Tensor:
+        """``loss_fn(output, targets)`` on the model's output as it returns it (a tensor, a
+        tuple, a dict, a ``ModelOutput``), its floating tensors cast to ``loss_dtype``."""
+        return self.loss_fn(*cast_for_loss(output, targets, self.loss_dtype))
 
     def _evaluate(self, X: Any) -> Any:
         """Loss at each row of ``X`` (``(n, dim)``); running statistics untouched.
@@ -159,7 +184,7 @@ class ModuleOracle(BaseOracle):
         With the engine, each forward is the engine's base forward, so these values round
         exactly like the engine's coordinate values and ``base_value``.
         """
-        inputs, targets = self._batch()
+        inputs, targets = self._minibatch()
         as_numpy = isinstance(X, np.ndarray)
         Xt = torch.as_tensor(X, device=self.view.device, dtype=self.view.dtype)
         out = torch.empty(Xt.shape[0], dtype=self.values_dtype, device=self.view.device)
@@ -181,7 +206,7 @@ class ModuleOracle(BaseOracle):
         coordinate queries at the same ``x`` that follow skip their own base forward.
         """
         x = self.view.check_flat(x, "x")
-        inputs, targets = self._batch()
+        inputs, targets = self._minibatch()
         first = self._charge(1)
 
         def forward() -> torch.Tensor:
@@ -207,7 +232,7 @@ class ModuleOracle(BaseOracle):
         running statistics (as a first-order training step does).
         """
         x = self.view.check_flat(x, "x")
-        inputs, targets = self._batch()
+        inputs, targets = self._minibatch()
         stats = contextlib.nullcontext() if update_stats else preserved_buffers(self.module)
         with self.view.loaded(x), stats, torch.enable_grad(), self._same_randomness():
             loss = self._loss(self.module(inputs), targets)
@@ -228,7 +253,7 @@ class ModuleOracle(BaseOracle):
         xt = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
         coords_np = check_coords(coords, self.dim)
         k = int(coords_np.shape[0])
-        inputs, targets = self._batch()
+        inputs, targets = self._minibatch()
         first = self._charge(k)
 
         def queries() -> torch.Tensor:
@@ -264,10 +289,107 @@ class ModuleOracle(BaseOracle):
                 out[i] = float("inf")
         return out
 
+    # -- seeded directions, perturbed in place ----------------------------------------------
+    def _current_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """The loss at the parameters as they are now (running statistics untouched)."""
+        with self._same_randomness():
+            if self.engine is not None:  # rounds like the engine's base forward
+                return self.engine.current_loss(inputs, targets)
+            with torch.no_grad(), preserved_buffers(self.module):
+                return float(self._loss(self.module(inputs), targets))
+
+    def _direction_values(
+        self, rows: int, perturb: Callable[[int], None], unperturb: Callable[[int], None]
+    ) -> Callable[[], torch.Tensor]:
+        inputs, targets = self._minibatch()
+
+        def queries(rowwise_inf: bool = False) -> torch.Tensor:
+            out = torch.empty(rows, dtype=self.values_dtype, device=self.view.device)
+            for r in range(rows):
+                perturb(r)
+                try:
+                    out[r] = self._current_loss(inputs, targets)
+                except Exception:
+                    if not rowwise_inf:
+                        raise
+                    out[r] = float("inf")
+                finally:
+                    unperturb(r)
+            return out
+
+        return queries
+
+    def eval_direction_steps(self, x: Any, steps: DirectionSteps) -> Any:
+        """``f(x + steps.steps[r]·u_{steps.index[r]})`` for each row → ``(rows,)``; costs
+        ``rows`` queries; exact mode.
+
+        In place: each query writes ``x + s·u`` into the parameters tensor by tensor (the
+        direction regenerated in chunks on the parameters' device), runs the forward and
+        moves on; afterwards the parameters hold exactly what they held before (copied back
+        from ``x`` when they held ``x``, as the trainer keeps them, else from a copy).
+        Memory: the model, ``x`` and one chunk; no perturbed point is ever built. Values
+        equal those of the built points (:meth:`batch`) bit for bit.
+        """
+        self._check_point(x)
+        as_numpy = isinstance(x, np.ndarray)
+        xt = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
+        rows = len(steps)
+        dirs = steps.directions
+
+        def perturb(r: int) -> None:
+            self.view.perturb_from(xt, dirs, int(steps.index[r]), float(steps.steps[r]))
+
+        queries = self._direction_values(rows, perturb, lambda r: None)
+        first = self._charge(rows)
+        with self.view.restored_after(xt):
+            values = self.guarded(
+                queries, rows, first, xt[None], fallback=lambda: queries(rowwise_inf=True)
+            )
+        self._track_best(values, lambda i: steps.rows(i, i + 1).points(xt)[0])
+        return values.cpu().numpy() if as_numpy else values
+
+    def eval_direction_steps_in_place(self, steps: DirectionSteps) -> torch.Tensor:
+        """The same values with the parameters as the only copy of θ (MeZO's memory mode).
+
+        Each query adds ``s·u`` to the parameters, runs the forward and subtracts ``s·u``
+        again (both regenerated from the seed): no copy of θ exists, at the price of a
+        rounding drift of the parameters (``θ + s·u - s·u`` is not always θ in floating
+        point; measured in docs/large_models.md). Costs ``rows`` queries. The best point is
+        not tracked (it would be a copy of θ).
+        """
+        rows = len(steps)
+        dirs = steps.directions
+        first = self._charge(rows)
+
+        def perturb(r: int) -> None:
+            self.view.add_direction_(dirs, int(steps.index[r]), float(steps.steps[r]))
+
+        def unperturb(r: int) -> None:
+            self.view.add_direction_(dirs, int(steps.index[r]), -float(steps.steps[r]))
+
+        queries = self._direction_values(rows, perturb, unperturb)
+        like = self.view.params[0]
+        return self.guarded(
+            queries, rows, first, like.reshape(-1)[:1][None], fallback=lambda: queries(True)
+        )
+
+    def value_in_place(self) -> float:
+        """``f`` at the parameters as they are (the base value of MeZO's memory mode; one
+        query; running statistics untouched)."""
+        inputs, targets = self._minibatch()
+        first = self._charge(1)
+        like = self.view.params[0].reshape(-1)[:1]
+
+        def forward() -> torch.Tensor:
+            value = self._current_loss(inputs, targets)
+            return torch.tensor([value], dtype=self.values_dtype, device=like.device)
+
+        return float(self.guarded(forward, 1, first, like[None])[0])
+
     # -- replication (zoopt.parallel.ReplicableOracle) ---------------------------------------
     def replica_factory(self) -> ModuleOracleFactory:
         """A picklable recipe for a replica of this oracle as it is now (see
-        :class:`~zoopt.torch.replica.ModuleOracleFactory`)."""
+        :class:`ModuleOracleFactory`)."""
         return ModuleOracleFactory.from_oracle(self)
 
     def model_state(self) -> dict[str, np.ndarray]:
@@ -290,6 +412,28 @@ class ModuleOracle(BaseOracle):
         """Compute with ``n`` torch threads (torch's setting is per process)."""
         torch.set_num_threads(int(n))
 
+    # -- function transforms (zoopt.torch.forward_gradient) ----------------------------------
+    def functional_loss(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+        """``loss(tensors)``: the loss on the current minibatch with the module's parameters
+        and buffers named in ``tensors`` replaced (``torch.func.functional_call``; the others
+        as they are), a pure function of ``tensors`` for ``torch.func`` transforms (``jvp``:
+        forward gradients). Call this outside the transform, the returned function inside.
+
+        It runs with the batch's randomness (the dropout masks of every query on this batch)
+        and casts the output to ``loss_dtype`` as every query does. Buffers in ``tensors``
+        (running statistics) are updated in place in training mode. Counts nothing (the
+        caller counts ``grad_evaluations``).
+        """
+        inputs, targets = self._minibatch()
+        self._same_randomness()  # the batch's seed, computed here: not inside a transform
+
+        def loss(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+            with self._same_randomness():
+                output = torch.func.functional_call(self.module, tensors, (inputs,))
+                return self._loss(output, targets)
+
+        return loss
+
 
 def _content_seed(*tensors: torch.Tensor) -> int:
     """A seed that is a function of the tensors' contents alone (same on every process)."""
@@ -307,3 +451,58 @@ def _as_tensor(a: Any, name: str) -> torch.Tensor:
     if isinstance(a, np.ndarray):
         return torch.from_numpy(a)
     raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(a).__name__}")
+
+
+#: ModuleOracle's keyword-only parameters: what :attr:`ModuleOracle.options` records
+_KEYWORDS = tuple(
+    name
+    for name, p in inspect.signature(ModuleOracle.__init__).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+@dataclass
+class ModuleOracleFactory:
+    """Picklable recipe for a :class:`~zoopt.torch.ModuleOracle` replica.
+
+    Attributes:
+        model: an ``nn.Module`` to copy (its parameters and buffers travel with it), or a
+            picklable constructor ``() -> nn.Module`` (e.g. ``partial(build_model, "resnet20")``).
+        loss_fn: picklable ``loss_fn(logits, targets) -> scalar`` (e.g. ``F.cross_entropy``).
+        state: optional ``state_dict`` loaded into the built model.
+        options: keyword arguments of ``ModuleOracle`` (``engine``, ``max_batch_bytes``,
+            ``memory_format``, ...; :meth:`from_oracle` takes all of the oracle's
+            :attr:`ModuleOracle.options`).
+        device: where the replica lives (``"cpu"`` or ``"cuda"``).
+        training: the replica's train/eval mode (BatchNorm uses batch statistics in training).
+    """
+
+    model: nn.Module | Callable[[], nn.Module]
+    loss_fn: Callable[..., Any]
+    state: dict | None = None
+    options: dict = field(default_factory=dict)
+    device: str = "cpu"
+    training: bool = True
+
+    def __call__(self) -> ModuleOracle:
+        model = copy.deepcopy(self.model) if isinstance(self.model, nn.Module) else self.model()
+        if self.state is not None:
+            model.load_state_dict(self.state)
+        model = model.to(self.device).train(self.training)
+        return ModuleOracle(model, self.loss_fn, **self.options)
+
+    @classmethod
+    def from_oracle(cls, oracle: ModuleOracle) -> ModuleOracleFactory:
+        """A recipe that rebuilds ``oracle`` as it is now: a CPU copy of its module (with
+        parameters and buffers), its loss, every keyword it was built with
+        (:attr:`ModuleOracle.options`), its device and mode."""
+        if not isinstance(oracle, ModuleOracle):
+            raise TypeError(f"expected a ModuleOracle, got {oracle!r}")
+        cpu_copy = copy.deepcopy(oracle.module).to("cpu")
+        return cls(
+            cpu_copy,
+            oracle.loss_fn,
+            options=dict(oracle.options),
+            device=str(oracle.view.device),
+            training=oracle.module.training,
+        )

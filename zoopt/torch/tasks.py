@@ -107,7 +107,9 @@ class ClassificationTask(ModuleTaskMixin):
         self.augment = bool(augment)
         self.grasp_per_class = int(grasp_per_class)
         kwargs = {} if max_batch_bytes is None else {"max_batch_bytes": max_batch_bytes}
-        self.oracle = ModuleOracle(self.model, F.cross_entropy, **kwargs)
+        # the best of minibatch losses means nothing to training, and keeping it would hold
+        # one more copy of the parameters
+        self.oracle = ModuleOracle(self.model, F.cross_entropy, track_best=False, **kwargs)
         self.groups = self.oracle.view.groups
 
     # -- data -----------------------------------------------------------------------

@@ -29,14 +29,11 @@ See docs/reliability.md.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import os
-import signal
-import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,15 +42,19 @@ import numpy as np
 import torch
 
 from .. import sparsity as sp
-from ..estimators import CGE, RGE
-from ..optim import Optimizer, make_optimizer
+from ..estimators import CGE, RGE, Estimate
+from ..interrupts import deferred_interrupt
+from ..optim import SGD, Adam, Optimizer, SignSGD, make_optimizer
 from ..oracle import BudgetExceeded, TrainableOracle
 from ..schedules import Constant, Cosine, Schedule
-from ..step import ZO, Autograd, GradientSource, step
+from ..step import ZO, Autograd, GradientSource, accepts, propose, update, value_at
 from .callbacks import Callback, Checkpoint, default_callbacks, tensors
 
 #: "custom": the caller passes the gradient source (e.g. ZO-AE-DS in applications/defense)
-METHODS = ("deepzero", "fo", "rge", "cge", "custom")
+METHODS = ("deepzero", "fo", "rge", "cge", "mezo", "forward-grad", "custom")
+#: Methods whose update is applied in place into the trainer's x from the seeds (a lazy
+#: gradient): no gradient vector and no copy of x per step (see Trainer._step).
+IN_PLACE_METHODS = ("mezo", "rge", "forward-grad")
 OPTIMIZERS = ("sgd", "adam", "signsgd")
 LR_SCHEDULES = ("cosine", "constant")
 RATIO_METHODS = ("zo-grasp", "fo-grasp", "random", "uniform", "smart")
@@ -95,9 +96,13 @@ class TrainConfig:
     """Training recipe. Defaults follow the paper's ResNet-20/CIFAR-10 recipe.
 
     ``method`` picks the gradient source (``deepzero``: sparse CGE on a ZO-GraSP mask;
-    ``cge``/``rge``: dense ZO estimates; ``fo``: autograd; ``custom``: given to the
-    :class:`Trainer`); ``optimizer`` (``sgd``, ``adam``, ``signsgd``) and ``lr_schedule``
-    (``cosine`` with optional warmup, or ``constant``) the update. ``reshuffle_every`` counts
+    ``cge``/``rge``: dense ZO estimates, RGE with ``rge_q`` seeded directions; ``mezo``: RGE
+    with one direction (MeZO); ``forward-grad``: ``rge_q`` forward-mode directional
+    derivatives (the first-order-memory baseline); ``fo``: autograd; ``custom``: given to
+    the :class:`Trainer`); ``optimizer`` (``sgd``, ``adam``, ``signsgd``; with ``momentum``:
+    ZO-SGD-MMT) and ``lr_schedule`` (``cosine`` with optional warmup, or ``constant``) the
+    update. ``conservative``: ZO-SGD-Cons, each step is kept only if the loss on its
+    minibatch does not rise (one more query per step). ``reshuffle_every`` counts
     epochs (the sparse mask is redrawn every that many epochs); ``max_steps_per_epoch``
     truncates epochs for quick runs; ``max_queries`` stops training (with a checkpoint)
     before a step would exceed the budget.
@@ -121,6 +126,7 @@ class TrainConfig:
     grasp_mu: float = 5e-3
     reshuffle_every: int = 5
     rge_q: int = 192
+    conservative: bool = False
     seed: int = 0
     max_steps_per_epoch: int | None = None
     max_queries: int | None = None
@@ -155,6 +161,8 @@ class TrainConfig:
             )
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch!r}")
+        if isinstance(self.rge_q, bool) or not isinstance(self.rge_q, int) or self.rge_q < 1:
+            raise ValueError(f"rge_q must be an integer >= 1, got {self.rge_q!r}")
 
 
 @dataclass
@@ -172,6 +180,7 @@ class TrainState:
     epoch_losses: list[float] = field(default_factory=list)  # of the epoch under way
     epoch_queries: int = 0
     grasp: dict[str, Any] = field(default_factory=dict)  # resumable ZO-GraSP scoring
+    rejected_steps: int = 0  # ZO-SGD-Cons: steps whose candidate raised the loss
 
 
 class Trainer:
@@ -263,18 +272,33 @@ class Trainer:
         cfg = self.config
         if cfg.method == "fo":
             return Autograd()
-        if cfg.method == "rge":
-            return ZO(RGE(q=cfg.rge_q, mu=cfg.mu, mu_mode="absolute"))  # the paper's step μ·u
+        if cfg.method in ("rge", "mezo"):
+            q = 1 if cfg.method == "mezo" else cfg.rge_q
+            return ZO(RGE(q=q, mu=cfg.mu, mu_mode="absolute"))  # the paper's step μ·u
+        if cfg.method == "forward-grad":
+            from .forward_gradient import ForwardGradient
+
+            return ForwardGradient(q=cfg.rge_q)
         estimator = CGE(mu=cfg.mu, scheme=cfg.scheme)
         if cfg.method == "deepzero":
             return ZO(estimator, coords=lambda iteration: self.mask.coords())
         return ZO(estimator)
 
+    @property
+    def in_place(self) -> bool:
+        """Whether steps update x in place from the seeds (:data:`IN_PLACE_METHODS`)."""
+        return self.config.method in IN_PLACE_METHODS
+
     def queries_next_step(self) -> int:
-        """Queries the next step will spend (base value included)."""
+        """Queries the next step will spend (base value and ZO-SGD-Cons's query included)."""
         base = 1 if self.source.wants_base_value else 0
-        return base + self.source.queries_per_step(
-            int(self.x.shape[0]), fx_known=bool(base), iteration=self.state.global_step
+        cons = 1 if self.config.conservative else 0
+        return (
+            base
+            + cons
+            + self.source.queries_per_step(
+                int(self.x.shape[0]), fx_known=bool(base), iteration=self.state.global_step
+            )
         )
 
     # -- sparsity -------------------------------------------------------------------
@@ -324,26 +348,73 @@ class Trainer:
         )
 
     # -- one step -------------------------------------------------------------------
-    def _step(self, batch: tuple) -> tuple[float, int]:
-        """One update on ``batch``; returns (loss at x before the update, queries spent)."""
+    def _step(self, batch: tuple) -> tuple[Callable[[], None], float, int]:
+        """The queries of one step on ``batch``; returns ``(commit, loss at x, queries)``.
+
+        Nothing here writes x (queries perturb the parameters and restore them exactly from
+        x), so a Ctrl-C or an error leaves x as it was. ``commit()`` applies the update and
+        is run by the caller in one block held against Ctrl-C, with the bookkeeping:
+
+        * in-place methods (:data:`IN_PLACE_METHODS`): the optimizer writes x in place from
+          the seeds, chunk by chunk (no gradient vector, no copy of x), then the parameters
+          are assigned from x (bit-identical);
+        * the others: the new x (computed here, pure) replaces the old one;
+        * ``conservative`` (ZO-SGD-Cons): the candidate (computed here, pure) is queried
+          once; the commit keeps it only if the loss did not rise, else x and the optimizer
+          state stay as they were.
+        """
         oracle = self.oracle
         oracle.set_batch(*batch)
         before = oracle.queries
         fx = oracle.base_value(self.x) if self.source.wants_base_value else None
-        x_new, est = step(
-            self.source,
-            self.optimizer,
-            oracle,
-            self.x,
-            fx=fx,
-            rng=self.estimator_rng,
-            iteration=self.state.global_step,
+        est = self.source.estimate(
+            oracle, self.x, fx=fx, rng=self.estimator_rng, iteration=self.state.global_step
         )
-        _assert_finite(x_new, "the parameters")
-        self.x = x_new
-        self.task.load_vector(self.x)
         loss = est.fx if fx is None else fx
-        return float(loss), oracle.queries - before
+        if self.state.global_step == 0 and loss is not None and not math.isfinite(float(loss)):
+            raise FloatingPointError(
+                f"the loss at the initial parameters is {float(loss)} on the first batch, "
+                "before any step: the model, its weights or the data give non-finite values "
+                "(not a learning-rate problem)"
+            )
+        if self.config.conservative:
+            if loss is None:
+                loss = value_at(oracle, self.x)
+            x_new, new_state = propose(self.optimizer, self.x, est)
+            keep = accepts(float(loss), value_at(oracle, x_new))
+            if keep:
+                _assert_finite(x_new, "the parameters")
+            commit = self._replacing(x_new, new_state) if keep else self._rejecting()
+        elif self.in_place:
+            _assert_finite_estimate(est)
+            commit = self._updating_in_place(est)
+        else:
+            x_new, new_state = self.optimizer.update(self.optimizer.state, self.x, est.gradient)
+            _assert_finite(x_new, "the parameters")
+            commit = self._replacing(x_new, new_state)
+        assert loss is not None, "the gradient source gave no f(x) and wants no base value"
+        return commit, float(loss), oracle.queries - before
+
+    def _replacing(self, x_new: torch.Tensor, new_state: Any) -> Callable[[], None]:
+        def commit() -> None:
+            self.x = x_new
+            self.optimizer.state = new_state
+            self.task.load_vector(self.x)
+
+        return commit
+
+    def _rejecting(self) -> Callable[[], None]:
+        def commit() -> None:
+            self.state.rejected_steps += 1
+
+        return commit
+
+    def _updating_in_place(self, est: Estimate) -> Callable[[], None]:
+        def commit() -> None:
+            update(self.optimizer, self.x, est, inplace=True)
+            self.task.load_vector(self.x)
+
+        return commit
 
     # -- the loop -------------------------------------------------------------------
     def _emit(self, hook: str, *args: Any) -> None:
@@ -407,18 +478,24 @@ class Trainer:
                 continue  # resuming mid-epoch: the same batches, already used
             self._emit("before_step")
             before = self._snapshot()
+            committed = False
             try:
-                loss, q = self._step(batch)
-                with deferred_interrupt():  # all of it, or (undone below) none of it
+                commit, loss, q = self._step(batch)
+                with deferred_interrupt():  # the update and its bookkeeping: all or none
+                    commit()
                     st.epoch_losses.append(loss)
                     st.epoch_queries += q
                     st.queries += q
                     st.step_in_epoch += 1
                     st.global_step += 1
+                    committed = True
             except BaseException:
-                with deferred_interrupt():
-                    self._restore(before)  # the checkpoint stays at a step boundary
+                if not committed:  # (a Ctrl-C held during the commit arrives after it)
+                    with deferred_interrupt():
+                        self._restore(before)  # the checkpoint stays at a step boundary
                 raise
+            if self.in_place:
+                _assert_finite(self.x, "the parameters")  # after the (kept) step: see docs
             self._emit("on_step", loss, q)
         metrics = self.task.evaluate()
         assert self._t_start is not None
@@ -445,10 +522,12 @@ class Trainer:
         self._emit("after_epoch", row)
 
     def _snapshot(self) -> dict[str, Any]:
-        """Everything a step changes, to undo it (on the device, no host copies of x)."""
+        """Everything a step changes before its commit, to undo it: x itself is not copied
+        (queries never write it; only the commit does, and a committed step is not undone),
+        nor is the optimizer state (a value, replaced or updated only by the commit)."""
         return {
-            "x": self.x.clone(),
-            "optimizer": copy.deepcopy(self.optimizer.state_dict()),
+            "x": self.x,
+            "optimizer": self.optimizer.state,
             "rng": copy.deepcopy(self.estimator_rng.bit_generator.state),
             "buffers": self.task.buffers_state(),
             "state": copy.deepcopy({k: getattr(self.state, k) for k in _STEP_FIELDS}),
@@ -457,7 +536,7 @@ class Trainer:
     def _restore(self, snap: dict[str, Any]) -> None:
         self.x = snap["x"]
         self.task.load_vector(self.x)
-        self.optimizer.load_state_dict(snap["optimizer"])
+        self.optimizer.state = snap["optimizer"]
         self.estimator_rng.bit_generator.state = snap["rng"]
         self.task.load_buffers_state(snap["buffers"])
         # the oracle keeps counting the queries the undone step really spent
@@ -523,7 +602,9 @@ class Trainer:
         last = st.history[-1] if st.history else {}
         return {
             "method": cfg.method,
+            "path": describe_path(cfg, int(self.x.shape[0]), self.optimizer),
             "sparsity": cfg.sparsity if cfg.method == "deepzero" else 0.0,
+            **({"rejected_steps": st.rejected_steps} if cfg.conservative else {}),
             "epochs_completed": st.epoch,
             "steps": st.global_step,
             "queries": st.queries,
@@ -543,42 +624,91 @@ def _assert_finite(x: torch.Tensor, what: str) -> None:
         raise FloatingPointError(f"{what} became non-finite; lower the learning rate or mu")
 
 
+def _assert_finite_estimate(est: Estimate) -> None:
+    """Before an in-place update: a finite estimate (a seeded one: its q coefficients)."""
+    if est.lazy is not None and est.gradient is est.lazy:
+        if not np.all(np.isfinite(est.lazy.coef)):
+            raise FloatingPointError(
+                "the gradient estimate is non-finite (a query returned inf or nan); the step "
+                "was not taken; lower the learning rate or mu"
+            )
+    else:
+        _assert_finite(est.grad, "the gradient estimate")
+
+
+def optimizer_label(optimizer: Optimizer, conservative: bool = False) -> str:
+    """ZO-Bench's name for an optimizer of :mod:`zoopt.optim` (e.g. ``ZO-SGD-MMT``)."""
+    if conservative:
+        return f"ZO-SGD-Cons (on {optimizer_label(optimizer)})"
+    if isinstance(optimizer, SGD):
+        return "ZO-SGD-MMT" if optimizer.momentum else "ZO-SGD"
+    if isinstance(optimizer, SignSGD):
+        return "ZO-SGD-Sign"
+    if isinstance(optimizer, Adam):
+        return "ZO-Adam"
+    return type(optimizer).__name__
+
+
+def describe_path(config: TrainConfig, dim: int, optimizer: Optimizer | None = None) -> str:
+    """One line: which step ``config`` runs and what it keeps in memory (``--explain``)."""
+    m = config.method
+    n_bufs = 0 if optimizer is None else sum(_uses_buffer(optimizer, b) for b in optimizer.buffers)
+    bufs = "" if not n_bufs else f" + {n_bufs} buffer{'s' if n_bufs > 1 else ''} like x"
+    opt = "" if optimizer is None else f"; {optimizer_label(optimizer, config.conservative)}"
+    cons = (
+        "; ZO-SGD-Cons: +1 query per step (f at the candidate, kept only if the loss does not "
+        "rise) and one candidate copy of x during the step"
+        if config.conservative
+        else ""
+    )
+    if m in ("mezo", "rge"):
+        q = 1 if m == "mezo" else config.rge_q
+        name = "RGE q=1 in place (MeZO)" if m == "mezo" else f"RGE q={q} in place"
+        return (
+            f"{name}: seeded directions regenerated per parameter tensor, exact restore from "
+            f"x, update applied in place from the seeds (no gradient vector); {q + 1} queries "
+            f"per step; memory ≈ model + x{bufs} ({dim:,} trainable parameters){opt}{cons}"
+        )
+    if m == "forward-grad":
+        q = config.rge_q
+        return (
+            f"forward gradient q={q}: {q} directional derivatives per step (torch.func.jvp) "
+            "along seeded directions, update applied in place from the seeds; 0 ZO queries "
+            f"(counted in grad_evaluations); memory ≈ model + x + one direction + forward-mode "
+            f"activations{bufs} ({dim:,} trainable parameters){opt}{cons}"
+        )
+    if m == "deepzero":
+        return (
+            f"sparse CGE (DeepZero, sparsity {config.sparsity:g}) through the feature-reuse "
+            f"engine; x replaced by the updated copy each step ({dim:,} trainable "
+            f"parameters){opt}{cons}"
+        )
+    if m == "cge":
+        return f"CGE on all {dim:,} coordinates through the feature-reuse engine{opt}{cons}"
+    if m == "fo":
+        name = "" if optimizer is None else f"; {type(optimizer).__name__}"
+        return f"first order (autograd; {dim:,} trainable parameters){name}{cons}"
+    return f"a custom gradient source ({dim:,} trainable parameters){opt}{cons}"
+
+
+def _uses_buffer(optimizer: Optimizer, name: str) -> bool:
+    """Whether the rule keeps ``name`` (SGD / SignSGD without momentum keep none)."""
+    if isinstance(optimizer, SGD | SignSGD):
+        return bool(optimizer.momentum)
+    return True
+
+
 #: Settings a resumed run must share with the checkpoint (they shape the trajectory);
 #: ``epochs`` may grow (the run continues), budgets and outputs may change.
 _RESUME_MUST_MATCH = (
     "method", "sparsity", "seed", "ratios", "mu", "scheme", "optimizer", "lr_schedule", "lr",
     "momentum", "nesterov", "weight_decay", "warmup_epochs", "final_lr", "grasp_q", "grasp_mu",
-    "reshuffle_every", "rge_q", "max_steps_per_epoch", "batch_size",
+    "reshuffle_every", "rge_q", "max_steps_per_epoch", "batch_size", "conservative",
 )  # fmt: skip
 #: what an older checkpoint without a field was written with
-_DEFAULTS = {"optimizer": "sgd", "lr_schedule": "cosine"}
+_DEFAULTS = {"optimizer": "sgd", "lr_schedule": "cosine", "conservative": False}
 
 #: TrainState fields one step changes (undone when the step does not complete).
-_STEP_FIELDS = ("epoch_losses", "epoch_queries", "queries", "step_in_epoch", "global_step")
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[None]:
-    """Hold a Ctrl-C (SIGINT) until the block is done, then raise it.
-
-    For short blocks that must not be cut in half (committing a step, writing a checkpoint).
-    Only the main thread receives signals; elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held: list[tuple[int, Any]] = []
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        signal.signal(signal.SIGINT, lambda signum, frame: held.append((signum, frame)))
-    except ValueError:  # not allowed here (e.g. an embedded interpreter)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(*held[0])
-        elif held and previous == signal.SIG_DFL:
-            raise KeyboardInterrupt
+_STEP_FIELDS = (
+    "epoch_losses", "epoch_queries", "queries", "step_in_epoch", "global_step", "rejected_steps",
+)  # fmt: skip

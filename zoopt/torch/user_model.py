@@ -47,6 +47,12 @@ def load_factory(spec: str) -> Any:
         sys.path.insert(0, str(path.resolve().parent))  # its own sibling imports
         try:
             loader_spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file failing: a syntax error, a raise
+            sys.modules.pop(module_name, None)
+            raise ValueError(
+                f"importing model file {str(path)!r} failed{_where(exc)}: "
+                f"{type(exc).__name__}: {exc.msg if isinstance(exc, SyntaxError) else exc}"
+            ) from exc
         finally:
             sys.path.remove(str(path.resolve().parent))
     else:
@@ -54,6 +60,10 @@ def load_factory(spec: str) -> Any:
             module = importlib.import_module(where)
         except ImportError as exc:
             raise ValueError(f"cannot import module {where!r}: {exc}") from exc
+        except Exception as exc:  # the user's module failing at import
+            raise ValueError(
+                f"importing module {where!r} failed{_where(exc)}: {type(exc).__name__}: {exc}"
+            ) from exc
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ValueError(f"{where!r} has no callable {name!r}")
@@ -72,10 +82,98 @@ def build_user_model(spec: str, num_classes: int | None = None) -> nn.Module:
             params = {}
         if "num_classes" in params:
             kwargs["num_classes"] = num_classes
-    model = factory(**kwargs)
+    try:
+        model = factory(**kwargs)
+    except Exception as exc:  # the user's factory raising is their error, not ours
+        raise ValueError(
+            f"model factory {spec!r} raised{_where(exc)}: {type(exc).__name__}: {exc}"
+        ) from exc
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec!r} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def check_model_output(
+    model: nn.Module,
+    spec: str,
+    images: Any,
+    num_classes: int,
+    *,
+    weights: str | Path | None = None,
+    user_code: bool = True,
+) -> None:
+    """One forward of ``images`` (a couple of training images) in eval mode, before training:
+    the model must map them to finite logits ``(len(images), num_classes)``.
+
+    Nothing changes in the model (eval mode, no gradients; the training mode is restored).
+
+    Raises:
+        ValueError: the forward raises (``user_code``: a bug in a built-in model keeps its
+            traceback), returns something else than logits of that shape, or gives NaN or
+            inf (the model itself, or the ``weights`` loaded into it).
+    """
+    x = torch.as_tensor(images, dtype=torch.float32)
+    was = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(x)
+    except Exception as exc:
+        if not user_code:
+            raise
+        raise ValueError(
+            f"model {spec!r} fails on the training images {tuple(x.shape[1:])} "
+            f"(a batch of {x.shape[0]}){_where(exc)}: {type(exc).__name__}: "
+            f"{_first_line(exc)}"
+        ) from exc
+    finally:
+        model.train(was)
+    if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (x.shape[0], num_classes):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+        raise ValueError(
+            f"model {spec!r} maps images {tuple(x.shape[1:])} to {shape}; "
+            f"expected logits (batch, {num_classes})"
+        )
+    if not bool(torch.isfinite(logits).all()):
+        bad = "nan" if bool(torch.isnan(logits).any()) else "inf"
+        source = f"model {spec!r}"
+        if weights is not None:
+            nonfinite = [
+                name for name, t in model.state_dict().items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())
+            ]  # fmt: skip
+            if nonfinite:
+                source = (
+                    f"--weights {str(weights)!r} hold non-finite values ({nonfinite[0]}"
+                    f"{f' and {len(nonfinite) - 1} more' if len(nonfinite) > 1 else ''}): "
+                    f"model {spec!r}"
+                )
+            else:
+                source = f"model {spec!r} with --weights {str(weights)!r}"
+        raise ValueError(
+            f"{source} gives {bad} logits on the training images before any step: "
+            "nothing to train from (the loss would be non-finite)"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _where(exc: BaseException) -> str:
+    """`` (FILE, line N)``: where in the user's code ``exc`` was raised (the innermost frame
+    outside torch and zoopt), or ``""``."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f" ({exc.filename}, line {exc.lineno})"
+    ours = (str(Path(torch.__file__).parent), str(Path(__file__).parents[1]))
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if not name.startswith(ours) and not name.startswith("<"):
+            where = f" ({name}, line {tb.tb_lineno})"
+        tb = tb.tb_next
+    return where
 
 
 def load_weights(model: nn.Module, path: str | Path) -> None:

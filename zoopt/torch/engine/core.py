@@ -30,14 +30,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ..._coords import check_coords
 from ..params import ParamView, preserved_buffers
 from . import origins as org
-from .graph import EngineGraph, build_graph
+from .graph import EngineGraph, build_graph, placeholder_default
 from .ops import dropout_spec, is_random, out_of_place
 from .rules import Rule, batchnorm_forward, rule_for
-from .values import Chunk, Dense, Packed, Value
+from .values import Chunk, Dense, SliceDelta, Value, query_value
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -160,9 +161,9 @@ class SparseCGEEngine:
         self._meta: dict[fx.Node, Any] = {}
         self._scratch: dict[fx.Node, Any] = {}  # recomputed values, least recently used first
         self._scratch_bytes = 0
-        self._derived: dict[tuple, torch.Tensor] = {}
-        self._masks: dict[fx.Node, torch.Tensor] = {}
-        self._rng_states: dict[fx.Node, tuple] = {}
+        self.derived: dict[tuple, torch.Tensor] = {}
+        self.masks: dict[fx.Node, torch.Tensor] = {}
+        self.rng_states: dict[fx.Node, tuple] = {}
         self._batch_size = 0
         self._warned: set[int] = set()
         self.stats = {
@@ -211,7 +212,7 @@ class SparseCGEEngine:
                 out[torch.as_tensor(rows, device=out.device)] = self._group_values(
                     int(g), local, step, inputs, targets
                 )
-                self._derived.clear()  # per-layer helpers (padded inputs): one layer at a time
+                self.derived.clear()  # per-layer helpers (padded inputs): one layer at a time
         return out
 
     @property
@@ -248,7 +249,14 @@ class SparseCGEEngine:
         Parameters and buffers are unchanged afterwards.
         """
         x = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
-        with torch.no_grad(), preserved_buffers(self.module), self.view.loaded(x):
+        with self.view.loaded(x):
+            return self.current_loss(inputs, targets)
+
+    def current_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """``f`` at the module's parameters as they are now, computed exactly as the base
+        forward (what a query that perturbs the parameters in place runs); buffers are
+        unchanged afterwards."""
+        with torch.no_grad(), preserved_buffers(self.module):
             with self._memoized_black_boxes(inputs):
                 plan = self._plan_for(inputs)
                 h = self.format_input(inputs.to(self.view.device))
@@ -307,7 +315,8 @@ class SparseCGEEngine:
         rows = []
         for g, group in enumerate(self.view.groups):
             uses = plan.uses[g]
-            where = ", ".join(sorted({_node_label(u.node) for u in uses})) or "-"
+            where = ", ".join(sorted({_node_label(u.node, plan.graph.prefix) for u in uses}))
+            where = where or "-"
             rows.append(
                 {
                     "name": group.name,
@@ -392,18 +401,22 @@ class SparseCGEEngine:
             )
         return self._plan
 
+    # -- the chunk interface (values.EngineContext: what chunks and rules see) ------------
     @property
-    def _graph(self) -> EngineGraph:
+    def graph(self) -> EngineGraph:
+        """The op graph of the current plan (modes and input shape)."""
         assert self._plan is not None
         return self._plan.graph
 
     @property
-    def _no_vmap(self) -> set[fx.Node]:
+    def no_vmap(self) -> set[fx.Node]:
+        """Nodes found not to run under ``torch.func.vmap``: run once per query instead."""
         assert self._plan is not None
         return self._plan.no_vmap
 
-    def _module(self, node: fx.Node) -> nn.Module:
-        return self._graph.modules[node]
+    def module_of(self, node: fx.Node) -> nn.Module:
+        """The submodule a ``call_module`` node calls."""
+        return self.graph.modules[node]
 
     # -- cache ---------------------------------------------------------------------------
     def _key_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
@@ -449,14 +462,15 @@ class SparseCGEEngine:
         self._meta = {}
         self._scratch = {}
         self._scratch_bytes = 0
-        self._derived = {}
-        self._masks = {}
-        self._rng_states = {}
+        self.derived = {}
+        self.masks = {}
+        self.rng_states = {}
         h = self.format_input(inputs.to(self.view.device))
         self._batch_size = int(inputs.shape[0])
         self.stats["cache_builds"] += 1
         self._rng_at_base = self._get_rng()  # full forwards, if any, draw what this one draws
         out, self._cache = self._run_base(plan, h, self._cache, update_stats)
+        self._check_unchanged(x)
         self._base_loss = self._loss(out, targets)
         self._cap_cache(plan)
         if self.chunk_bytes_option is None and self.view.device.type == "cpu":
@@ -469,6 +483,18 @@ class SparseCGEEngine:
         self._x = x.clone()
         self._batch_refs = (inputs, targets)  # held, so their ids cannot be reused
         self._key = self._key_of(inputs, targets)
+
+    def _check_unchanged(self, x: torch.Tensor) -> None:
+        """The forward must not write to trainable parameters (checked once per step, O(d)):
+        a query would otherwise evaluate another point than it asks for."""
+        for g, p in zip(self.view.groups, self.view.params, strict=True):
+            if not torch.equal(p.detach().reshape(-1), x[g.start : g.stop]):
+                raise RuntimeError(
+                    f"the forward of {type(self.module).__name__} changed the trainable "
+                    f"parameter {g.name}; a zeroth-order oracle needs a forward that leaves "
+                    "its parameters as they are (freeze that tensor, or move the update out "
+                    "of forward)"
+                )
 
     @contextlib.contextmanager
     def _memoized_black_boxes(self, inputs: torch.Tensor) -> Iterator[None]:
@@ -505,7 +531,7 @@ class SparseCGEEngine:
         out: Any = None
         for node in eg.nodes:
             if node.op == "placeholder":
-                env[node] = h if node is eg.input else (node.args[0] if node.args else None)
+                env[node] = h if node is eg.input else placeholder_default(node)
             elif node.op == "get_attr":
                 env[node] = eg.resolve(str(node.target))
             elif node.op == "output":
@@ -519,13 +545,13 @@ class SparseCGEEngine:
                     # a mask drawn in the eager (contiguous) order, whatever the layout here
                     mask = spec[0](torch.ones_like(args[0], memory_format=torch.contiguous_format))
                     if cache is not None:
-                        self._masks[node] = mask
+                        self.masks[node] = mask
                     env[node] = args[0] * mask
                 elif plan.rules[node][1] == "batchnorm" and len(args) == 1 and not kwargs:
                     env[node] = batchnorm_forward(m, args[0], update_stats)  # type: ignore[arg-type]
                 else:
                     if node in plan.rng_nodes and cache is not None:
-                        self._rng_states[node] = self._get_rng()
+                        self.rng_states[node] = self._get_rng()
                     env[node] = plan.callables[node](*args, **kwargs)
             if cache is not None:
                 value = env.get(node)
@@ -549,24 +575,28 @@ class SparseCGEEngine:
             env.pop(n, None)
 
     def _loss(self, out: Any, targets: torch.Tensor) -> torch.Tensor:
-        if isinstance(out, torch.Tensor):
-            return self.loss_fn(*cast_for_loss(out, targets, self.loss_dtype)).reshape(())
-        return torch.as_tensor(self.loss_fn(out, targets)).reshape(())
+        """The loss of one forward's output, given to ``loss_fn`` as the model returns it."""
+        if self._plan is not None:
+            out = self._plan.graph.restore_output(out)
+        loss = self.loss_fn(*cast_for_loss(out, targets, self.loss_dtype))
+        return torch.as_tensor(loss).reshape(())
 
     def _suffix_widest(self, plan: _Plan) -> list[int]:
         """Per position: bytes of the largest activation at or after it."""
         widest, out = 0, [0] * len(plan.graph.nodes)
         for i in range(len(plan.graph.nodes) - 1, -1, -1):
             v = self._meta.get(plan.graph.nodes[i])
-            if isinstance(v, torch.Tensor):
-                widest = max(widest, v.numel() * v.element_size())
+            tensors = [t for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
+            if tensors:  # a tensor, or a structured output (a ModelOutput's logits...)
+                widest = max(widest, sum(t.numel() * t.element_size() for t in tensors))
             out[i] = widest
         return out
 
-    def _meta_of(self, node: fx.Node) -> Any:
+    def meta_of(self, node: fx.Node) -> Any:
+        """Shape, dtype and device of ``node``'s unperturbed value (``meta`` tensors)."""
         return self._meta[node]
 
-    def _base(self, node: fx.Node) -> Any:
+    def unperturbed(self, node: fx.Node) -> Any:
         """The unperturbed value of ``node``: cached, or recomputed from cached values."""
         if node in self._cache:
             return self._cache[node]
@@ -591,18 +621,18 @@ class SparseCGEEngine:
         if node.op == "get_attr":
             return eg.resolve(str(node.target))
         if node.op == "placeholder":  # extra inputs: their defaults (the input is cached)
-            return node.args[0] if node.args else None
-        args = fx.node.map_arg(node.args, self._base)
-        kwargs = fx.node.map_arg(node.kwargs, self._base)
+            return placeholder_default(node)
+        args = fx.node.map_arg(node.args, self.unperturbed)
+        kwargs = fx.node.map_arg(node.kwargs, self.unperturbed)
         if node in plan.dropouts:
-            return args[0] * self._masks[node]
+            return args[0] * self.masks[node]
         m = eg.modules.get(node)
         if plan.rules[node][1] == "batchnorm" and len(args) == 1 and not kwargs:
             return batchnorm_forward(m, args[0], update=False)  # type: ignore[arg-type]
-        rng = self._rng_states.get(node)
-        with self._restorable_rng(rng is not None):
+        rng = self.rng_states.get(node)
+        with self.restorable_rng(rng is not None):
             if rng is not None:
-                self._set_rng(rng)
+                self.set_rng(rng)
             with preserved_buffers(m) if m is not None else contextlib.nullcontext():
                 return plan.callables[node](*args, **kwargs)
 
@@ -642,7 +672,7 @@ class SparseCGEEngine:
             return t.contiguous(memory_format=torch.channels_last)
         return t
 
-    def _empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """An uninitialized ``(Q, *activation shape)`` tensor in the engine's layout."""
         if self.memory_format == "channels_last" and len(shape) == 5:
             flat = torch.empty(
@@ -661,12 +691,14 @@ class SparseCGEEngine:
         cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
         return cpu, cuda
 
-    def _set_rng(self, state: tuple) -> None:
+    def set_rng(self, state: tuple) -> None:
+        """Set the generators (CPU and the device's) to a state from :attr:`rng_states`."""
         torch.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.view.device)
 
-    def _restorable_rng(self, active: bool) -> contextlib.AbstractContextManager:
+    def restorable_rng(self, active: bool) -> contextlib.AbstractContextManager:
+        """A context that restores the generators on exit (``active``; else does nothing)."""
         if not active:
             return contextlib.nullcontext()
         dev = self.view.device
@@ -751,9 +783,9 @@ class SparseCGEEngine:
         targets: torch.Tensor,
     ) -> torch.Tensor:
         out = []
-        with self._restorable_rng(True):
+        with self.restorable_rng(True):
             for i in local.tolist():
-                self._set_rng(self._rng_at_base)
+                self.set_rng(self._rng_at_base)
                 one = torch.tensor([i], device=local.device)
                 out.append(
                     _naive_loop(
@@ -814,16 +846,15 @@ class SparseCGEEngine:
             v = ch.env.get(out_arg)
             if v is None:
                 return self._base_loss.expand(ch.Q).clone()
-            if not isinstance(v, Packed):
+            if isinstance(v, SliceDelta | Dense):
                 logits = ch.dense(v, out_arg)  # (Q, *output shape)
                 if logits.ndim >= 2 and logits.shape[1] == targets.shape[0]:
                     full, t = cast_for_loss(logits.flatten(0, 1), targets, self.loss_dtype)
                     return self._loss_per_query(full, t, ch.Q)
                 return torch.stack([self._loss(logits[q], targets) for q in range(ch.Q)])
-        from .rules import _per_query
 
         def query(q: int) -> Any:
-            return fx.node.map_arg(out_arg, lambda n: _per_query(ch, n, q))
+            return fx.node.map_arg(out_arg, lambda n: query_value(ch, n, q))
 
         return torch.stack([self._loss(query(q), targets) for q in range(ch.Q)]).to(
             self.values_dtype
@@ -917,9 +948,12 @@ def _cloning(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _node_label(node: fx.Node) -> str:
+def _node_label(node: fx.Node, prefix: str = "") -> str:
     if node.op in ("call_module", "get_attr"):
-        return str(node.target) or "<model>"
+        target = str(node.target)
+        if prefix and target == prefix.rstrip("."):
+            target = ""
+        return target.removeprefix(prefix) or "<model>"
     return node.name
 
 
@@ -1017,19 +1051,27 @@ def _macs(node: fx.Node, eg: EngineGraph, cache: dict[fx.Node, Any]) -> float:
 
 # ----------------------------------------------------------------------------------------
 # Per-query losses
-def cast_for_loss(
-    logits: torch.Tensor, targets: torch.Tensor, loss_dtype: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits (and floating targets) in ``loss_dtype`` (``None``: unchanged).
+def cast_for_loss(output: Any, targets: Any, loss_dtype: torch.dtype | None) -> tuple[Any, Any]:
+    """The model's output and the targets with every floating tensor in ``loss_dtype``
+    (``None``: unchanged); integer tensors and everything else as they are.
 
-    CGE divides loss differences of size ``mu * |g|`` by ``mu``; reducing the loss in
-    float64 keeps the final batch mean from rounding them to float32 resolution (~1e-7).
+    The output keeps its structure and type: a tensor, a tuple, a dict or a Hugging Face
+    ``ModelOutput`` (anything ``torch.utils._pytree`` flattens; other objects pass through
+    untouched). CGE divides loss differences of size ``mu * |g|`` by ``mu``; reducing the
+    loss in float64 keeps the final batch mean from rounding them to float32 resolution.
     """
     if loss_dtype is None:
-        return logits, targets
-    if targets.is_floating_point():
-        targets = targets.to(loss_dtype)
-    return logits.to(loss_dtype), targets
+        return output, targets
+    return _cast_tree(output, loss_dtype), _cast_tree(targets, loss_dtype)
+
+
+def _cast_tree(value: Any, dtype: torch.dtype) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    return pytree.tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        value,
+    )
 
 
 def _per_query_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 from ..params import preserved_buffers
 from .ops import is_inplace, is_random, is_shape_only, may_alias, out_of_place
@@ -43,7 +44,12 @@ def same_randomness(seed: int, device: torch.device) -> Iterator[None]:
     """Run the body with torch's generators seeded to ``seed``; restore them afterwards."""
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        # the generators this device's ops draw from, not torch.manual_seed: that one also
+        # visits every lazily-initialized backend, milliseconds per query
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(seed)
         yield
 
 
@@ -132,8 +138,8 @@ class ConcreteTracer(fx.Tracer):
             self._placeholders += 1
             if self._placeholders == 1:
                 value = self.example
-            elif node.args:  # a parameter with a default value
-                value, static = node.args[0], True
+            elif node.args or str(node.target).startswith("*"):  # a default, *args, **kwargs
+                value, static = placeholder_default(node), True
             else:
                 raise _Rollback(f"forward takes more than one required input ({node.target})")
         elif node.op == "get_attr":
@@ -194,6 +200,17 @@ class ConcreteTracer(fx.Tracer):
             self.static.pop(node, None)
 
 
+def placeholder_default(node: fx.Node) -> Any:
+    """The value an extra ``forward`` argument takes: its default; ``()`` for ``*args`` and
+    ``{}`` for ``**kwargs`` (the engine passes the model one input)."""
+    target = str(node.target)
+    if target.startswith("**"):
+        return {}
+    if target.startswith("*"):
+        return ()
+    return node.args[0] if node.args else None
+
+
 def _unpatched() -> contextlib.AbstractContextManager:
     """Undo fx's tracing patches (``nn.Module.__call__``...) while evaluating real values.
 
@@ -236,6 +253,10 @@ class EngineGraph:
     opaque: set[fx.Node]
     notes: list[str] = field(default_factory=list)
     defaults: dict[fx.Node, Any] = field(default_factory=dict)
+    #: prefix of the model's own module names in ``graph`` (``explain`` strips it)
+    prefix: str = ""
+    #: the ``torch.utils._pytree`` structure of the model's output (None: a tensor)
+    out_spec: Any = None
 
     def __post_init__(self) -> None:
         self.nodes = list(self.graph.nodes)
@@ -249,6 +270,17 @@ class EngineGraph:
 
     def resolve(self, target: str) -> Any:
         return _resolve(self.root, target)
+
+    def restore_output(self, out: Any) -> Any:
+        """The graph's output in the structure the model returns (fx turns a dict or a
+        ``ModelOutput`` into an ``immutable_dict``; the loss gets the model's own type)."""
+        spec = self.out_spec
+        if spec is None or isinstance(out, torch.Tensor):
+            return out
+        leaves, got = pytree.tree_flatten(out)
+        if got == spec or len(leaves) != spec.num_leaves:
+            return out
+        return pytree.tree_unflatten(leaves, spec)
 
 
 def _opaque_graph(module: nn.Module, notes: list[str]) -> EngineGraph:
@@ -368,7 +400,7 @@ def run_functional(eg: EngineGraph, x: torch.Tensor) -> Any:
     env: dict[fx.Node, Any] = {}
     for node in eg.nodes:
         if node.op == "placeholder":
-            env[node] = x if node is eg.input else (node.args[0] if node.args else None)
+            env[node] = x if node is eg.input else placeholder_default(node)
         elif node.op == "get_attr":
             env[node] = eg.resolve(str(node.target))
         elif node.op == "output":
@@ -435,6 +467,17 @@ def _innermost_module(exc: Untraceable, graph: fx.Graph, root: nn.Module) -> nn.
                 return root.get_submodule(qualname)
             return None
     return None
+
+
+class _Called(nn.Module):
+    """``model(x)``: the model as the one submodule of a root fx can always trace."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Any:
+        return self.model(x)
 
 
 class _Chain(nn.Module):
@@ -558,6 +601,20 @@ def _build_graph(
         return eg
     except Untraceable as exc:
         notes.append(f"the model's forward is not traceable as a whole: {exc}")
+        try:
+            # fx cannot trace some forward signatures as the root (``**kwargs`` behind a
+            # decorator, as in Hugging Face models); called as a submodule they trace
+            eg = _trace(_Called(model), example, leaf_types, "traced")
+            if eg.opaque and any(m is model for m in eg.modules.values()):
+                raise Untraceable(eg.notes[-1] if eg.notes else "the model stays opaque")
+            _verify_graph(eg, model, example, reference, seed)
+            eg.notes[:0] = notes
+            eg.notes.append("traced as model(x): forward's other arguments take their defaults")
+            eg.prefix = "model."
+            return eg
+        except Untraceable as exc2:
+            if str(exc2) != str(exc):
+                notes.append(f"called as model(x), not traceable either: {exc2}")
     try:
         chain, out = _record_chain(model, example, seed)
         eg = _trace(chain, example, leaf_types, "chain")
@@ -578,6 +635,8 @@ def _verify_graph(
     eg: EngineGraph, model: nn.Module, example: torch.Tensor, reference: Any, seed: int
 ) -> None:
     traced = eg.traced_module  # type: ignore[attr-defined]
+    if not isinstance(reference, torch.Tensor):
+        eg.out_spec = pytree.tree_structure(reference)
     with torch.no_grad(), preserved_buffers(model):
         with same_randomness(seed, example.device):
             verify(reference, traced(example.clone()), example, "the traced graph")

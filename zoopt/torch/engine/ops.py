@@ -257,6 +257,9 @@ def is_random(node: fx.Node, module: nn.Module | None) -> bool:
         return isinstance(module, nn.RReLU) and module.training
     if node.op in ("call_function", "call_method"):
         name = str(node.target) if node.op == "call_method" else _name_of(node.target)
+        if name == "scaled_dot_product_attention":  # attention dropout (HF models in training)
+            p = node.kwargs.get("dropout_p", node.args[4] if len(node.args) > 4 else 0.0)
+            return isinstance(p, fx.Node) or bool(p)
         return name in _RANDOM_NAMES
     return False
 

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .rules import (
-    _per_query,
-    _stack,
     bn_channels,
     conv_spec,
     gather,
@@ -36,7 +34,7 @@ from .rules import (
     standard,
     vmap_values,
 )
-from .values import Chunk, Dense, SliceDelta, Value
+from .values import Chunk, Dense, SliceDelta, Value, query_value, stack_queries
 
 if TYPE_CHECKING:
     from ..params import ParamView
@@ -120,16 +118,16 @@ def origin_value(
     eff = new - param.view(-1)[idx]  # the step actually taken in this dtype
     if node.op == "get_attr":
         return Dense(_perturbed_copies(param, idx, new))
-    m = engine._module(node)
-    if _fast_module(engine._graph, use):
+    m = engine.module_of(node)
+    if _fast_module(engine.graph, use):
         value = _fast_origin(ch, node, m, use.attr, param, idx, eff, new)
         if value is not None:
             return value
-    if node not in engine._no_vmap:
+    if node not in engine.no_vmap:
         try:
             value = _vmapped_module(ch, node, m, use.attr, param, idx, new)
         except Exception:  # noqa: BLE001 - vmap cannot run this module: rerun it per query
-            engine._no_vmap.add(node)
+            engine.no_vmap.add(node)
         else:
             return value
     engine.stats["module_rerun_queries"] += idx.numel()
@@ -143,10 +141,10 @@ def joint_value(
     (a parameter used twice, the second use downstream of the first)."""
     engine = ch.engine
     node = use.node
-    m = engine._module(node)
+    m = engine.module_of(node)
     changed = [n for n in node.all_input_nodes if ch.env.get(n) is not None]
     copies = _perturbed_copies(param, idx, new)
-    if node not in engine._no_vmap:
+    if node not in engine.no_vmap:
         tensors = [ch.dense(ch.env[n], n) for n in changed]
 
         def call(p: torch.Tensor, *ts: torch.Tensor) -> Any:
@@ -163,7 +161,7 @@ def joint_value(
             with no_running_stat_updates(m):
                 value = vmap_values(call, copies, *tensors)
         except Exception:  # noqa: BLE001 - vmap cannot run this module: loop below
-            engine._no_vmap.add(node)
+            engine.no_vmap.add(node)
         else:
             return value
     flat = param.view(-1)
@@ -172,12 +170,12 @@ def joint_value(
         old = flat[i].clone()
         flat[i] = v
         try:
-            args = fx.node.map_arg(node.args, lambda n, q=q: _per_query(ch, n, q))
-            kwargs = fx.node.map_arg(node.kwargs, lambda n, q=q: _per_query(ch, n, q))
+            args = fx.node.map_arg(node.args, lambda n, q=q: query_value(ch, n, q))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n, q=q: query_value(ch, n, q))
             outs.append(m(*args, **kwargs))
         finally:
             flat[i] = old
-    return _stack(outs, node)
+    return stack_queries(outs, node)
 
 
 def _perturbed_copies(param: torch.Tensor, idx: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -282,7 +280,7 @@ def _last_dim_update(
 
 
 def _normalized(ch: Chunk, node: fx.Node, fn: Any) -> torch.Tensor:
-    cache = ch.engine._derived
+    cache = ch.engine.derived
     key = (node, "normalized")
     if key not in cache:
         cache[key] = fn(ch.cached(node.args[0]))
@@ -293,7 +291,7 @@ def _shifted_input(
     ch: Chunk, node: fx.Node, spec: Any, ci: np.ndarray, kh: np.ndarray, kw: np.ndarray
 ) -> torch.Tensor:
     """``padded_input[:, ci, kh·dh + sh·i, kw·dw + sw·j]``: ``(N, Q, Ho, Wo)``."""
-    cache = ch.engine._derived
+    cache = ch.engine.derived
     key = (node, "padded")
     if key not in cache:
         cache[key] = spec.padded(ch.cached(node.args[0]))
@@ -320,7 +318,7 @@ def _vmapped_module(
     copies = _perturbed_copies(param, idx, new)
     args = fx.node.map_arg(node.args, ch.cached)
     kwargs = fx.node.map_arg(node.kwargs, ch.cached)
-    if node in ch.engine._graph.opaque:
+    if node in ch.engine.graph.opaque:
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
     def call(p: torch.Tensor) -> Any:
@@ -342,9 +340,9 @@ def _rerun_module(
     engine = ch.engine
     flat = param.view(-1)
     buffers = [(b, b.clone()) for b in m.buffers()]
-    rng = engine._rng_states.get(node)
+    rng = engine.rng_states.get(node)
     outs = []
-    with engine._restorable_rng(rng is not None):
+    with engine.restorable_rng(rng is not None):
         for i, v in zip(idx.tolist(), new.tolist(), strict=True):
             old = flat[i].clone()
             flat[i] = v
@@ -352,7 +350,7 @@ def _rerun_module(
                 for b, saved in buffers:
                     b.copy_(saved)
                 if rng is not None:
-                    engine._set_rng(rng)
+                    engine.set_rng(rng)
                 args = fx.node.map_arg(node.args, ch.cached)
                 args = tuple(
                     a.clone(memory_format=torch.contiguous_format)
@@ -364,4 +362,4 @@ def _rerun_module(
                 outs.append(m(*args, **kwargs))
             finally:
                 flat[i] = old
-    return _stack(outs, node)
+    return stack_queries(outs, node)

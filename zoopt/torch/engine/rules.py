@@ -32,7 +32,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .ops import dropout_spec, is_random, is_shape_only, out_of_place
-from .values import Chunk, Dense, Packed, SliceDelta, Value
+from .values import (
+    Chunk,
+    Dense,
+    Packed,
+    SliceDelta,
+    Value,
+    query_value,
+    stack_queries,
+)
 
 Rule = Callable[[Chunk, fx.Node], Value]
 
@@ -109,7 +117,7 @@ def elementwise(fn: Callable[..., torch.Tensor], inplace: Callable[..., Any] | N
 
 
 def rule_elementwise_module(ch: Chunk, node: fx.Node) -> Value:
-    m = ch.engine._module(node)
+    m = ch.engine.module_of(node)
     v = ch.env.get(node.args[0])
     if not isinstance(v, SliceDelta | Dense):
         return rule_generic(ch, node)
@@ -261,7 +269,7 @@ def _explicit_padding(
 def conv_spec(ch: Chunk, node: fx.Node) -> ConvSpec | None:
     """The conv of a ``Conv2d`` module node or an ``F.conv2d`` call (unchanged weights)."""
     if node.op == "call_module":
-        m = ch.engine._module(node)
+        m = ch.engine.module_of(node)
         if not standard(m, nn.Conv2d):
             return None
         kernel, dilation = _pair(m.kernel_size), _pair(m.dilation)
@@ -323,7 +331,7 @@ def one_channel_conv(
         weight = w[:, channels].transpose(0, 1).reshape(q * c_out, 1, kh, kw)
         contrib = F.conv2d(padded, weight, None, spec.stride, 0, spec.dilation, groups=q)
         n, _, ho, wo = contrib.shape
-        out = ch.engine._empty((q, *base_out.shape), base_out)
+        out = ch.engine.empty((q, *base_out.shape), base_out)
         torch.add(contrib.view(n, q, c_out, ho, wo).transpose(0, 1), base_out.unsqueeze(0), out=out)
         return Dense(out)
     group = torch.div(channels, per_group_in, rounding_mode="floor")
@@ -337,7 +345,7 @@ def one_channel_conv(
         oc = out_idx[:, 0]
         return SliceDelta(oc, base_out[:, oc] + contrib)
     n, _, ho, wo = contrib.shape
-    out = ch.engine._empty((q, *base_out.shape), base_out)
+    out = ch.engine.empty((q, *base_out.shape), base_out)
     out.copy_(base_out.unsqueeze(0).expand_as(out))
     rows = torch.arange(q, device=w.device)[:, None]
     out[rows, :, out_idx] += contrib.view(n, q, per_group_out, ho, wo).permute(1, 2, 0, 3, 4)
@@ -374,7 +382,7 @@ def _taps_matmul(
 # linear
 def _linear_params(ch: Chunk, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if node.op == "call_module":
-        m = ch.engine._module(node)
+        m = ch.engine.module_of(node)
         return m.weight, m.bias
     if not _only_first_changes(ch, node):
         return None
@@ -513,7 +521,7 @@ def standard(m: nn.Module, cls: type[nn.Module]) -> bool:
 
 
 def rule_batchnorm(ch: Chunk, node: fx.Node) -> Value:
-    m = ch.engine._module(node)
+    m = ch.engine.module_of(node)
     v = ch.env.get(node.args[0])
     if _channels(v):
         w, b = gather(m.weight, v.index), gather(m.bias, v.index)
@@ -537,8 +545,8 @@ def rule_layer_norm(ch: Chunk, node: fx.Node) -> Value:
     if not _only_first_changes(ch, node) or not isinstance(v, SliceDelta | Dense):
         return rule_generic(ch, node)
     if node.op == "call_module":
-        fn: Callable[..., Any] = ch.engine._module(node)
-        normalized = len(ch.engine._module(node).normalized_shape)
+        fn: Callable[..., Any] = ch.engine.module_of(node)
+        normalized = len(ch.engine.module_of(node).normalized_shape)
         rest: list[Any] = []
         kwargs: dict[str, Any] = {}
     else:
@@ -567,7 +575,7 @@ def rule_per_sample(ch: Chunk, node: fx.Node) -> Value:
     ):
         return rule_generic(ch, node)
     x = ch.dense(v, node.args[0])
-    return Dense(_unflat(ch.engine._module(node)(_flat(x)), ch.Q))
+    return Dense(_unflat(ch.engine.module_of(node)(_flat(x)), ch.Q))
 
 
 # ----------------------------------------------------------------------------------------
@@ -580,7 +588,7 @@ def rule_pool(ch: Chunk, node: fx.Node) -> Value:
     if isinstance(v, SliceDelta) and v.axis != 1:
         v = Dense(ch.dense(v, node.args[0]))
     if node.op == "call_module":
-        m = ch.engine._module(node)
+        m = ch.engine.module_of(node)
         fn: Callable[..., Any] = m
         rest: list[Any] = []
         kwargs: dict[str, Any] = {}
@@ -830,7 +838,7 @@ def rule_sdpa(ch: Chunk, node: fx.Node) -> Value:
 
 def rule_multihead_attention(ch: Chunk, node: fx.Node) -> Value:
     """``nn.MultiheadAttention``: every query's sequences stacked into one batch, one call."""
-    m = ch.engine._module(node)
+    m = ch.engine.module_of(node)
     names = ("query", "key", "value")
     nodes = [_arg(node, i, n) for i, n in enumerate(names)]
     vals = [ch.value(n) for n in nodes]
@@ -895,7 +903,7 @@ def rule_split(ch: Chunk, node: fx.Node) -> Value:
 # dropout: the same mask for the base forward and every query
 def rule_dropout(ch: Chunk, node: fx.Node) -> Value:
     v = ch.env.get(node.args[0])
-    mask = ch.engine._masks.get(node)
+    mask = ch.engine.masks.get(node)
     if mask is None or not isinstance(v, SliceDelta | Dense) or not _only_first_changes(ch, node):
         return rule_generic(ch, node)
     if isinstance(v, SliceDelta):
@@ -963,29 +971,15 @@ def vmap_values(fn: Callable[..., Any], *tensors: torch.Tensor) -> Value:
     return Packed(tuple(Dense(next(items)) if t else None for t in layout["is_tensor"]))
 
 
-def _per_query(ch: Chunk, node: fx.Node, q: int) -> Any:
-    """Query ``q``'s value of an input node (tensors, or tuples of them)."""
-    v = ch.env.get(node)
-    if v is None:
-        return ch.cached(node)
-    if isinstance(v, Packed):
-        base = ch.cached(node)
-        return type(base)(
-            b if item is None else (item.values[q] if isinstance(item, Dense) else None)
-            for b, item in zip(base, v.items, strict=True)
-        )
-    return ch.dense(v, node)[q]
-
-
 def rule_generic(ch: Chunk, node: fx.Node) -> Value:
     """Any op: under ``torch.func.vmap`` over the queries, or once per query (exact)."""
     engine = ch.engine
-    m = engine._module(node) if node.op == "call_module" else None
+    m = engine.module_of(node) if node.op == "call_module" else None
     fn = out_of_place(node, m)
-    opaque = node.op == "call_module" and node in engine._graph.opaque
+    opaque = node.op == "call_module" and node in engine.graph.opaque
     changed = [n for n in node.all_input_nodes if ch.env.get(n) is not None]
     dense_inputs = all(isinstance(ch.env[n], SliceDelta | Dense) for n in changed)
-    if dense_inputs and node not in engine._no_vmap:
+    if dense_inputs and node not in engine.no_vmap and not is_random(node, m):
         tensors = [ch.dense(ch.env[n], n) for n in changed]
 
         def per_query(*ts: torch.Tensor) -> Any:
@@ -1000,7 +994,7 @@ def rule_generic(ch: Chunk, node: fx.Node) -> Value:
             with no_running_stat_updates(m):
                 value = vmap_values(per_query, *tensors)
         except Exception:  # noqa: BLE001 - vmap cannot run it: loop over queries below
-            engine._no_vmap.add(node)
+            engine.no_vmap.add(node)
         else:
             engine.stats["vmapped_ops"] += 1
             ch.alias_of[node] = tuple(changed)
@@ -1021,11 +1015,11 @@ def _loop(
     engine = ch.engine
     engine.stats["looped_ops"] += 1
     buffers = [(b, b.clone()) for b in module.buffers()] if module is not None else []
-    rng = engine._rng_states.get(node)
+    rng = engine.rng_states.get(node)
     outs = []
-    with engine._restorable_rng(rng is not None):
+    with engine.restorable_rng(rng is not None):
         for q in range(ch.Q):
-            sub = {n: _per_query(ch, n, q) for n in changed}
+            sub = {n: query_value(ch, n, q) for n in changed}
 
             def load(n: fx.Node, sub: dict = sub) -> Any:
                 value = sub[n] if n in sub else ch.cached(n)
@@ -1037,25 +1031,9 @@ def _loop(
             for b, saved in buffers:
                 b.copy_(saved)
             if rng is not None:
-                engine._set_rng(rng)
+                engine.set_rng(rng)
             outs.append(fn(*fx.node.map_arg(node.args, load), **fx.node.map_arg(node.kwargs, load)))
-    return _stack(outs, node)
-
-
-def _stack(outs: list[Any], node: fx.Node) -> Value:
-    first = outs[0]
-    if isinstance(first, torch.Tensor):
-        return Dense(torch.stack(outs))
-    if isinstance(first, tuple | list):
-        return Packed(tuple(_stack([o[i] for o in outs], node) for i in range(len(first))))
-    if first is None and all(o is None for o in outs):
-        return None
-    if all(o == first for o in outs):
-        return None  # e.g. an assertion: the same (non-tensor) result for every query
-    raise TypeError(
-        f"{node.format_node()} returns {type(first).__name__} values that differ between "
-        "queries; the engine cannot batch it"
-    )
+    return stack_queries(outs, node)
 
 
 # ----------------------------------------------------------------------------------------

@@ -11,18 +11,26 @@ node's value is one of:
 * :class:`Dense` -- every query's full activation, stacked: ``(Q, *shape)`` where ``shape``
   is the cached activation's shape (wherever its batch dimension is).
 * :class:`Packed` -- a tuple output (``chunk``, ``unbind``, ``split``...), one value each.
+* :class:`Tree` -- any other structured output (a dict, a ``ModelOutput``), leaf by leaf.
+* :class:`Objects` -- a non-tensor result that differs between queries, one per query.
+
+A :class:`Chunk` of queries reads the engine through :class:`EngineContext` (the engine's
+public chunk interface); :func:`query_value` and :func:`stack_queries` take one query's
+value out of a stored value and put per-query results back into one.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch import fx
+from torch import fx, nn
+from torch.utils import _pytree as pytree
 
 if TYPE_CHECKING:
-    from .core import SparseCGEEngine
+    from .graph import EngineGraph
 
 
 @dataclass
@@ -52,13 +60,63 @@ class Packed:
     items: tuple[Any, ...]
 
 
-Value = SliceDelta | Dense | Packed | None
+@dataclass
+class Objects:
+    """A non-tensor value that differs between queries (e.g. a cache object): one each."""
+
+    items: tuple[Any, ...]
+
+
+@dataclass
+class Tree:
+    """A structured value other than a tuple (a dict, a Hugging Face ``ModelOutput``...):
+    its ``torch.utils._pytree`` leaves, one value (or ``None``: unchanged) each, and the
+    structure ``spec`` that rebuilds it with its own type."""
+
+    spec: Any
+    items: tuple[Any, ...]
+
+
+Value = SliceDelta | Dense | Packed | Objects | Tree | None
+
+
+class EngineContext(Protocol):
+    """What a chunk and the rules see of the engine (:class:`~.core.SparseCGEEngine`
+    implements it): the step's graph and caches, per node. Declared here, below the engine
+    and the rules, so that neither imports the other's internals."""
+
+    stats: dict[str, int]
+    memory_format: str
+    #: per-layer helpers computed once per step (padded inputs...), by key
+    derived: dict[tuple, torch.Tensor]
+    #: the dropout masks the unperturbed forward drew, by node
+    masks: dict[fx.Node, torch.Tensor]
+    #: the generator state before each random node of the unperturbed forward
+    rng_states: dict[fx.Node, tuple]
+
+    @property
+    def graph(self) -> EngineGraph: ...
+
+    @property
+    def no_vmap(self) -> set[fx.Node]: ...
+
+    def module_of(self, node: fx.Node) -> nn.Module: ...
+
+    def unperturbed(self, node: fx.Node) -> Any: ...
+
+    def meta_of(self, node: fx.Node) -> Any: ...
+
+    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor: ...
+
+    def set_rng(self, state: tuple) -> None: ...
+
+    def restorable_rng(self, active: bool) -> contextlib.AbstractContextManager: ...
 
 
 class Chunk:
     """The state of one chunk of ``Q`` queries while it is pushed through the graph."""
 
-    def __init__(self, engine: SparseCGEEngine, q: int):
+    def __init__(self, engine: EngineContext, q: int):
         self.engine = engine
         self.Q = q
         self.env: dict[fx.Node, Value] = {}
@@ -68,14 +126,14 @@ class Chunk:
     def cached(self, arg: Any) -> Any:
         """The unperturbed value of a node argument (constants pass through)."""
         if isinstance(arg, fx.Node):
-            return self.engine._base(arg)
+            return self.engine.unperturbed(arg)
         return arg
 
     def meta(self, arg: Any) -> Any:
         """Shape, dtype and device of a node's unperturbed value (a tensor on the ``meta``
         device: reading its values raises); constants pass through. Never recomputes."""
         if isinstance(arg, fx.Node):
-            return self.engine._meta_of(arg)
+            return self.engine.meta_of(arg)
         return arg
 
     def value(self, arg: Any) -> Value:
@@ -94,7 +152,7 @@ class Chunk:
         base = self.cached(node)
         if not isinstance(base, torch.Tensor):
             raise TypeError(f"cannot batch the non-tensor value of {node}")
-        out = self.engine._empty((self.Q, *base.shape), base)
+        out = self.engine.empty((self.Q, *base.shape), base)
         out.copy_(base.unsqueeze(0).expand_as(out))
         if isinstance(value, SliceDelta):
             q = torch.arange(self.Q, device=base.device)
@@ -105,3 +163,71 @@ class Chunk:
         """The cached value of ``node`` seen as ``(Q, *shape)`` (a broadcast view, no copy)."""
         base = self.cached(node)
         return base.unsqueeze(0).expand(self.Q, *base.shape)
+
+
+def query_value(ch: Chunk, node: fx.Node, q: int) -> Any:
+    """Query ``q``'s value of an input node (tensors, or tuples of them)."""
+    v = ch.env.get(node)
+    if v is None:
+        return ch.cached(node)
+    if isinstance(v, Packed | Tree | Objects):
+        return _query_item(ch.cached(node), v, q)
+    return ch.dense(v, node)[q]
+
+
+def _query_item(base: Any, v: Value, q: int) -> Any:
+    """Query ``q``'s part of a (possibly nested) value whose unperturbed value is ``base``."""
+    if v is None:
+        return base
+    if isinstance(v, Dense):
+        return v.values[q]
+    if isinstance(v, Objects):
+        return v.items[q]
+    if isinstance(v, Packed):
+        return type(base)(_query_item(b, item, q) for b, item in zip(base, v.items, strict=True))
+    if isinstance(v, Tree):
+        leaves = pytree.tree_leaves(base)
+        return pytree.tree_unflatten(
+            [_query_item(b, item, q) for b, item in zip(leaves, v.items, strict=True)], v.spec
+        )
+    raise TypeError(f"cannot take one query of a {type(v).__name__} value")
+
+
+def stack_queries(outs: list[Any], node: fx.Node) -> Value:
+    """One value for the per-query results ``outs`` of ``node`` (exact for any structure)."""
+    first = outs[0]
+    if isinstance(first, torch.Tensor):
+        if all(isinstance(o, torch.Tensor) and o.shape == first.shape for o in outs):
+            return Dense(torch.stack(outs))
+        return Objects(tuple(outs))
+    if isinstance(first, tuple | list) and all(
+        type(o) is type(first) and len(o) == len(first) for o in outs
+    ):
+        if type(first) in (tuple, list):
+            return Packed(
+                tuple(stack_queries([o[i] for o in outs], node) for i in range(len(first)))
+            )
+    elif first is None and all(o is None for o in outs):
+        return None
+    leaves, spec = pytree.tree_flatten(first)
+    if spec.num_leaves != 1 or leaves[0] is not first:  # a container: a dict, a ModelOutput
+        flat = [pytree.tree_flatten(o) for o in outs]
+        if all(s == spec for _, s in flat):
+            return Tree(
+                spec,
+                tuple(stack_queries([f[i] for f, _ in flat], node) for i in range(len(leaves))),
+            )
+    if all(_same_object(o, first) for o in outs):
+        return None  # e.g. an assertion: the same (non-tensor) result for every query
+    return Objects(tuple(outs))  # e.g. a cache object: each query keeps its own
+
+
+def _same_object(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - no truth value (e.g. holds tensors): not the same
+        return False
