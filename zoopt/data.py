@@ -902,7 +902,7 @@ def image_folder_classes(path: str | Path) -> list[str]:
 def _read_image(path: Path, image_size: int | None, rgb: bool) -> np.ndarray:
     """One image file -> float32 ``(C, H, W)`` in [0, 1] (C = 3 when ``rgb``, else 1),
     center-cropped to a square and area-resampled to ``image_size`` unless None."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -918,13 +918,7 @@ def _read_image(path: Path, image_size: int | None, rgb: bool) -> np.ndarray:
             else:
                 a = np.asarray(im.convert("RGB" if rgb else "L"), dtype=np.float32)
                 a = (a[None] if a.ndim == 2 else a.transpose(2, 0, 1)) / np.float32(255.0)
-    except (
-        UnidentifiedImageError,
-        Image.DecompressionBombError,
-        OSError,
-        ValueError,
-        SyntaxError,
-    ) as exc:
+    except _image_errors() as exc:
         raise ValueError(f"{str(path)!r} is not a readable image: {exc}") from exc
     if rgb and a.shape[0] == 1:
         a = np.repeat(a, 3, axis=0)
@@ -1010,19 +1004,20 @@ def load_image_folder(
     return images[~test], labels[~test], images[test], labels[test]
 
 
-def _image_mode(path: Path) -> str:
+def _image_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises on a file that is not a readable image (pillow imported lazily)."""
     from PIL import Image, UnidentifiedImageError
+
+    return (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError)
+
+
+def _image_mode(path: Path) -> str:
+    from PIL import Image
 
     try:
         with Image.open(path) as im:
             return im.mode
-    except (
-        UnidentifiedImageError,
-        Image.DecompressionBombError,
-        OSError,
-        ValueError,
-        SyntaxError,
-    ) as exc:
+    except _image_errors() as exc:
         raise ValueError(f"{str(path)!r} is not a readable image: {exc}") from exc
 
 
