@@ -168,4 +168,16 @@ def test_rge_plan_equals_the_materialized_reference(seed, dist, scheme, mu_mode,
         coef = (plus - minus) / (2 * h) if scheme == "central" else (plus - minus) / h
     scale = (d if dist == "sphere" else 1.0) / q
     want = scale * coef @ U
-    np.testing.assert_allclose(est.grad, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    # the plan builds x + (μ/‖raw‖)·raw, the reference x + h·U: the points round apart by
+    # ~1e-16·|x| and the quotient divides that by μ = 1e-3
+    np.testing.assert_allclose(est.grad, want, rtol=1e-9, atol=1e-10 * np.abs(want).max())
+
+
+def test_oracles_refuse_directions_of_another_dimension():
+    f = zoopt.as_oracle(lambda x: float(x @ x), dim=5)
+    steps = DirectionSteps(SeededDirections(1, 2, 6), np.array([0, 1]), np.array([0.1, 0.1]))
+    with pytest.raises(ValueError, match="the directions have dim=6 but the oracle has dim=5"):
+        f.eval_direction_steps(np.zeros(5), steps)
+    with pytest.raises(TypeError, match="steps must be a zoopt DirectionSteps"):
+        f.eval_direction_steps(np.zeros(5), [(0, 0.1)])
+    assert f.queries == 0

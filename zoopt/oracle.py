@@ -217,6 +217,8 @@ class BaseOracle:
         under ``max_batch_bytes`` and calls :meth:`batch`; oracles that can perturb in place
         (``ModuleOracle``) or ship seeds (``ParallelOracle``) override it.
         """
+        self._check_point(x)
+        self.check_direction_steps(steps)
         xp = namespace(x)
         rows = max(1, self.max_batch_bytes // max(1, self.dim * itemsize(x)))
         out = []
@@ -230,6 +232,15 @@ class BaseOracle:
         if not out:
             return xp.zeros((0,), dtype=x.dtype, device=device_of(x))
         return xp.concat(out) if len(out) > 1 else out[0]
+
+    def check_direction_steps(self, steps: DirectionSteps) -> None:
+        """Raise unless ``steps`` are seeded rows for this oracle's dimension."""
+        if not isinstance(steps, DirectionSteps):
+            raise TypeError(f"steps must be a zoopt DirectionSteps, got {type(steps).__name__}")
+        if steps.directions.dim != self.dim:
+            raise ValueError(
+                f"the directions have dim={steps.directions.dim} but the oracle has dim={self.dim}"
+            )
 
     @property
     def remaining(self) -> int | None:

@@ -331,6 +331,7 @@ class ModuleOracle(BaseOracle):
         equal those of the built points (:meth:`batch`) bit for bit.
         """
         self._check_point(x)
+        self.check_direction_steps(steps)
         as_numpy = isinstance(x, np.ndarray)
         xt = self.view.check_flat(x, "x").to(self.view.device, self.view.dtype)
         rows = len(steps)
@@ -357,6 +358,7 @@ class ModuleOracle(BaseOracle):
         point; measured in docs/large_models.md). Costs ``rows`` queries. The best point is
         not tracked (it would be a copy of θ).
         """
+        self.check_direction_steps(steps)
         rows = len(steps)
         dirs = steps.directions
         first = self._charge(rows)

@@ -665,7 +665,7 @@ def describe_path(config: TrainConfig, dim: int, optimizer: Optimizer | None = N
         q = 1 if m == "mezo" else config.rge_q
         name = "RGE q=1 in place (MeZO)" if m == "mezo" else f"RGE q={q} in place"
         return (
-            f"{name}: seeded directions regenerated per parameter tensor, exact restore from "
+            f"{name}: seeded directions regenerated chunk by chunk into the parameters, exact restore from "
             f"x, update applied in place from the seeds (no gradient vector); {q + 1} queries "
             f"per step; memory ≈ model + x{bufs} ({dim:,} trainable parameters){opt}{cons}"
         )
