@@ -307,9 +307,9 @@ class RGE(Estimator):
         raw = self.seeded(d, draw_seed(_as_rng(rng)))
         m = raw.count
         mu = self.mu
-        # u_i = raw_i (gaussian, rademacher) or raw_i/‖raw_i‖ (sphere). The step along the
-        # raw direction is s_i = h_i/‖u_i‖·(‖u_i‖/‖raw_i‖)...: μ/‖raw_i‖ for the sphere and
-        # for mu_mode="direction" (every perturbation has length μ), μ for "absolute".
+        # u_i = raw_i (gaussian, rademacher) or raw_i/‖raw_i‖ (sphere). Points are built as
+        # x + s_i·raw_i: s_i = μ/‖raw_i‖ for the sphere and for mu_mode="direction" (every
+        # perturbation has length μ), s_i = μ for "absolute" (the paper's μ·u_i).
         by_length = self.dist == "sphere" or self.mu_mode == "direction"
         norms = raw.norms(x) if by_length else None
         s = mu / np.where(norms > 0, norms, 1.0) if norms is not None else np.full(m, mu)
