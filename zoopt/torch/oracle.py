@@ -188,15 +188,9 @@ class ModuleOracle(BaseOracle):
         as_numpy = isinstance(X, np.ndarray)
         Xt = torch.as_tensor(X, device=self.view.device, dtype=self.view.dtype)
         out = torch.empty(Xt.shape[0], dtype=self.values_dtype, device=self.view.device)
-        if self.engine is not None:
-            for i in range(Xt.shape[0]):
-                with self._same_randomness():
-                    out[i] = self.engine.forward_loss(Xt[i], inputs, targets)
-        else:
-            with torch.no_grad(), preserved_buffers(self.module):
-                for i in range(Xt.shape[0]):
-                    with self.view.loaded(Xt[i]), self._same_randomness():
-                        out[i] = self._loss(self.module(inputs), targets)
+        for i in range(Xt.shape[0]):
+            with self.view.loaded(Xt[i]):
+                out[i] = self._current_loss(inputs, targets)
         return out.cpu().numpy() if as_numpy else out
 
     def base_value(self, x: torch.Tensor) -> float:
