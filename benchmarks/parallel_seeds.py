@@ -52,54 +52,8 @@ def log(msg: str) -> None:
     print(f"[parallel_seeds] {msg}", file=sys.stderr, flush=True)
 
 
-# -- CIFAR ResNet-18 (kuangliu/pytorch-cifar) --------------------------------------------------
-
-
-class BasicBlock(nn.Module):
-    expansion = 1
-
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
-
-
-class ResNet18(nn.Module):
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.in_planes = 64
-        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._layer(64, 2, 1)
-        self.layer2 = self._layer(128, 2, 2)
-        self.layer3 = self._layer(256, 2, 2)
-        self.layer4 = self._layer(512, 2, 2)
-        self.linear = nn.Linear(512, num_classes)
-
-    def _layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
-        layers = []
-        for s in [stride] + [1] * (blocks - 1):
-            layers.append(BasicBlock(self.in_planes, planes, s))
-            self.in_planes = planes
-        return nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+# the CIFAR ResNet-18 (kuangliu/pytorch-cifar, 11.2M parameters) of the large-model benchmark
+from large_model import ResNet18  # noqa: E402  (benchmarks/ is on sys.path: run as a script)
 
 
 def small_mlp() -> nn.Module:
