@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from zoopt.train_cli import DATASETS, TrainOptions, build_task, config_from_options
+from zoopt.train_cli import DATASETS, TrainOptions
 
 METHODS = ("fo", "cge", "rge")
 
@@ -65,7 +65,7 @@ class CgeVsRgeConfig:
             epochs=self.epochs,
             batch_size=self.batch_size,
             lr=self.lr,
-            max_steps=self.max_steps,
+            max_steps_per_epoch=self.max_steps,
             seed=self.seed,
             device=self.device,
             progress=self.progress,
@@ -76,6 +76,7 @@ class CgeVsRgeConfig:
 def train_one(config: CgeVsRgeConfig, width: int, method: str) -> dict[str, Any]:
     """Train the width-``width`` CNN with ``method``; RGE gets q = d directions (the same
     queries per step as CGE). Returns one row of the table."""
+    from zoopt.torch.cli_tasks import build_task, config_from_options
     from zoopt.torch.train import Trainer
 
     opts = config.train_options(width, method)

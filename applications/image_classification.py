@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoopt.train_cli import TrainOptions, build_task, config_from_options
+from zoopt.train_cli import TrainOptions
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ImageClassificationConfig:
             epochs=self.epochs,
             sparsity=self.sparsity,
             seed=self.seed,
-            max_steps=self.max_steps,
+            max_steps_per_epoch=self.max_steps,
             resume=self.resume,
             progress=self.progress,
             out=str(Path(self.out) / method),
@@ -63,6 +63,7 @@ class ImageClassificationConfig:
 
 def train_method(config: ImageClassificationConfig, method: str) -> dict[str, Any]:
     """Train the small CNN with ``method`` (``deepzero`` or ``fo``); returns the summary."""
+    from zoopt.torch.cli_tasks import build_task, config_from_options
     from zoopt.torch.train import Trainer
 
     opts = config.train_options(method)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoopt.train_cli import DATASETS, TrainOptions, build_task, config_from_options
+from zoopt.train_cli import DATASETS, TrainOptions
 
 RATIOS = ("zo-grasp", "random", "fo-grasp", "uniform")
 
@@ -59,7 +59,7 @@ class RatiosComparisonConfig:
             sparsity=self.sparsity,
             epochs=self.epochs,
             batch_size=self.batch_size,
-            max_steps=self.max_steps,
+            max_steps_per_epoch=self.max_steps,
             device=self.device,
             seed=self.seed,
             progress=self.progress,
@@ -69,6 +69,7 @@ class RatiosComparisonConfig:
 
 def train_with_ratios(config: RatiosComparisonConfig, ratios: str) -> dict[str, Any]:
     """DeepZero with keep ratios from ``ratios``; returns accuracy, queries and the ratios."""
+    from zoopt.torch.cli_tasks import build_task, config_from_options
     from zoopt.torch.train import Trainer
 
     opts = config.train_options(ratios)

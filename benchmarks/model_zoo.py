@@ -304,19 +304,14 @@ def memory_child(name: str, args: argparse.Namespace) -> dict:
     coords = rng.choice(engine.view.dim, size=min(512, engine.view.dim), replace=False)
     engine.base_forward(x, inputs, targets)  # graph build outside the measurement
     engine.coordinate_values(x, coords[:8], args.mu, inputs, targets)
-    engine._key = None
-    engine._cache = {}
+    engine.invalidate()  # a new step, and the previous cache freed before measuring
 
     def engine_step():
         engine.base_forward(x, inputs, targets)
         engine.coordinate_values(x, coords, args.mu, inputs, targets)
 
     eng = peak(engine_step)
-    seen, cache = set(), 0
-    for v in engine._cache.values():
-        if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
-            seen.add(v.untyped_storage().data_ptr())
-            cache += v.untyped_storage().nbytes()
+    cache = engine.cache_bytes  # distinct storages of the cached activations
     return {
         "train_peak_bytes": int(train),
         "engine_peak_bytes": int(eng),

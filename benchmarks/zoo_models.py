@@ -22,10 +22,95 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# --------------------------------------------------------------------------------------------
+# 0. Shared building blocks: what the styles below have in common. Each style keeps its own
+#    forward and its own habits (the option-A pad, ``+=``, ``F.relu_``, a reused inplace ReLU,
+#    ``view`` vs ``flatten``...): those are what the engine is tested on.
+# --------------------------------------------------------------------------------------------
+
+
+def conv3x3(
+    in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1
+) -> nn.Conv2d:
+    """3x3 convolution with padding"""
+    return nn.Conv2d(
+        in_planes,
+        out_planes,
+        kernel_size=3,
+        stride=stride,
+        padding=dilation,
+        groups=groups,
+        bias=False,
+        dilation=dilation,
+    )
+
+
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+    """1x1 convolution"""
+    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+
+
+def conv1x1_bn(in_planes: int, out_planes: int, stride: int = 1) -> nn.Sequential:
+    """The projection shortcut of the residual blocks: 1x1 conv (no bias), then BatchNorm."""
+    return nn.Sequential(conv1x1(in_planes, out_planes, stride), nn.BatchNorm2d(out_planes))
+
+
+class TwoConvBody(nn.Module):
+    """``conv1`` (3x3, ``stride``) → ``bn1`` → ``conv2`` (3x3) → ``bn2``: the body of every basic
+    residual block here. Subclasses add their shortcut and write their own ``forward``."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+
+
+def make_stage(
+    block: Callable[[int, int, int], nn.Module],
+    in_planes: int,
+    planes: int,
+    num_blocks: int,
+    stride: int,
+    expansion: int = 1,
+) -> tuple[list[nn.Module], int]:
+    """``num_blocks`` blocks ``block(in, planes, stride)``, the first with ``stride``, the rest
+    with 1; returns them and the stage's output width ``planes * expansion``."""
+    layers = []
+    for s in [stride] + [1] * (num_blocks - 1):
+        layers.append(block(in_planes, planes, s))
+        in_planes = planes * expansion
+    return layers, in_planes
+
+
+def torchvision_init(model: nn.Module, *, linear: bool) -> None:
+    """torchvision's weight init: Kaiming-normal convs (fan-out, ReLU gain), zero conv biases,
+    norm layers at weight 1 / bias 0, and with ``linear`` Linear weights N(0, 0.01), biases 0."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif linear and isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
+
+
+def timm_norm_and_head(embed_dim: int, num_classes: int) -> tuple[nn.LayerNorm, nn.Module]:
+    """timm's final LayerNorm (eps 1e-6) and classifier head (``nn.Identity`` without classes)."""
+    head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+    return nn.LayerNorm(embed_dim, eps=1e-6), head
+
 
 # --------------------------------------------------------------------------------------------
 # 1. akamaster/pytorch_resnet_cifar10 style: LambdaLayer option-A shortcut, kaiming init
@@ -48,20 +133,14 @@ class LambdaLayer(nn.Module):
         return self.lambd(x)
 
 
-class AkamasterBasicBlock(nn.Module):
-    """CIFAR basic block with the option-A (``LambdaLayer`` pad) or option-B shortcut."""
+class AkamasterBasicBlock(TwoConvBody):
+    """CIFAR basic block with the option-A (``LambdaLayer`` pad) or option-B shortcut
+    (``nn.Sequential()`` when the shape does not change)."""
 
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, option: str = "A"):
-        super().__init__()
-        self.conv1 = nn.Conv2d(
-            in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False
-        )
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-
+        super().__init__(in_planes, planes, stride)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_planes != planes:
             if option == "A":
@@ -72,16 +151,7 @@ class AkamasterBasicBlock(nn.Module):
                     )
                 )
             elif option == "B":
-                self.shortcut = nn.Sequential(
-                    nn.Conv2d(
-                        in_planes,
-                        self.expansion * planes,
-                        kernel_size=1,
-                        stride=stride,
-                        bias=False,
-                    ),
-                    nn.BatchNorm2d(self.expansion * planes),
-                )
+                self.shortcut = conv1x1_bn(in_planes, self.expansion * planes, stride)
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -102,21 +172,16 @@ class AkamasterResNet(nn.Module):
 
         self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        blocks = self._make_layer(block, width, num_blocks[0], stride=1)
-        blocks += self._make_layer(block, 2 * width, num_blocks[1], stride=2)
-        blocks += self._make_layer(block, 4 * width, num_blocks[2], stride=2)
+        blocks = []
+        for i, planes in enumerate((width, 2 * width, 4 * width)):
+            stage, self.in_planes = make_stage(
+                block, self.in_planes, planes, num_blocks[i], 1 if i == 0 else 2, block.expansion
+            )
+            blocks += stage
         self.blocks = nn.ModuleList(blocks)
         self.linear = nn.Linear(4 * width, num_classes)
 
         self.apply(_weights_init)
-
-    def _make_layer(self, block, planes, num_blocks, stride):
-        strides = [stride] + [1] * (num_blocks - 1)
-        layers = []
-        for stride in strides:
-            layers.append(block(self.in_planes, planes, stride))
-            self.in_planes = planes * block.expansion
-        return layers
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
@@ -143,35 +208,12 @@ def akamaster_resnet20(num_classes: int = 10, width: int = 16) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
-class KuangliuBasicBlock(nn.Module):
-    """pytorch-cifar basic block: ``nn.Sequential()`` identity or 1x1 conv + BN projection."""
-
-    expansion = 1
+class KuangliuBasicBlock(AkamasterBasicBlock):
+    """pytorch-cifar basic block: ``nn.Sequential()`` identity or 1x1 conv + BN projection
+    (akamaster's option B; the same forward)."""
 
     def __init__(self, in_planes, planes, stride=1):
-        super().__init__()
-        self.conv1 = nn.Conv2d(
-            in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False
-        )
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != self.expansion * planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(
-                    in_planes, self.expansion * planes, kernel_size=1, stride=stride, bias=False
-                ),
-                nn.BatchNorm2d(self.expansion * planes),
-            )
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)
-        out = F.relu(out)
-        return out
+        super().__init__(in_planes, planes, stride, option="B")
 
 
 class KuangliuResNet(nn.Module):
@@ -190,11 +232,9 @@ class KuangliuResNet(nn.Module):
         self.linear = nn.Linear(8 * width * block.expansion, num_classes)
 
     def _make_layer(self, block, planes, num_blocks, stride):
-        strides = [stride] + [1] * (num_blocks - 1)
-        layers = []
-        for stride in strides:
-            layers.append(block(self.in_planes, planes, stride))
-            self.in_planes = planes * block.expansion
+        layers, self.in_planes = make_stage(
+            block, self.in_planes, planes, num_blocks, stride, block.expansion
+        )
         return nn.Sequential(*layers)
 
     def forward(self, x):
@@ -222,27 +262,6 @@ def kuangliu_resnet18(
 # --------------------------------------------------------------------------------------------
 # 3. torchvision.models.resnet style (Bottleneck, downsample, inplace ReLU reused)
 # --------------------------------------------------------------------------------------------
-
-
-def conv3x3(
-    in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, dilation: int = 1
-) -> nn.Conv2d:
-    """3x3 convolution with padding"""
-    return nn.Conv2d(
-        in_planes,
-        out_planes,
-        kernel_size=3,
-        stride=stride,
-        padding=dilation,
-        groups=groups,
-        bias=False,
-        dilation=dilation,
-    )
-
-
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    """1x1 convolution"""
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
 
 
 class Bottleneck(nn.Module):
@@ -333,12 +352,7 @@ class TorchvisionResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(8 * width * block.expansion, num_classes)
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
+        torchvision_init(self, linear=False)
 
         # Zero-initialize the last BN in each residual branch, so that each block starts
         # as an identity.
@@ -473,17 +487,7 @@ class VGG(nn.Module):
             nn.Linear(hidden, num_classes),
         )
         if init_weights:
-            for m in self.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                    if m.bias is not None:
-                        nn.init.constant_(m.bias, 0)
-                elif isinstance(m, nn.BatchNorm2d):
-                    nn.init.constant_(m.weight, 1)
-                    nn.init.constant_(m.bias, 0)
-                elif isinstance(m, nn.Linear):
-                    nn.init.normal_(m.weight, 0, 0.01)
-                    nn.init.constant_(m.bias, 0)
+            torchvision_init(self, linear=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -640,18 +644,8 @@ class MobileNetV2(nn.Module):
             nn.Linear(self.last_channel, num_classes),
         )
 
-        # weight initialization
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        # weight initialization (kaiming_normal_'s default leaky_relu gain at a=0 is ReLU's)
+        torchvision_init(self, linear=True)
 
     def _forward_impl(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -663,26 +657,6 @@ class MobileNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward_impl(x)
-
-
-def mobilenet_v2(
-    num_classes: int = 10,
-    width_mult: float = 1.0,
-    image_size: int = 32,
-    inverted_residual_setting: list[list[int]] | None = None,
-    round_nearest: int = 8,
-) -> nn.Module:
-    """MobileNetV2, torchvision style, strides adapted to CIFAR when ``image_size <= 64``.
-
-    The last conv has ``1280 * width_mult`` channels (rounded to ``round_nearest``).
-    """
-    return MobileNetV2(
-        num_classes=num_classes,
-        width_mult=width_mult,
-        inverted_residual_setting=inverted_residual_setting,
-        round_nearest=round_nearest,
-        image_size=image_size,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -881,8 +855,7 @@ class VisionTransformer(nn.Module):
                 for _ in range(depth)
             ]
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm, self.head = timm_norm_and_head(embed_dim, num_classes)
 
         nn.init.normal_(self.cls_token, std=1e-6)
         self.apply(self._init_weights)
@@ -915,29 +888,6 @@ class VisionTransformer(nn.Module):
         x = self.forward_features(x)
         x = self.forward_head(x)
         return x
-
-
-def vit_tiny(
-    num_classes: int = 10,
-    image_size: int = 32,
-    patch: int = 4,
-    dim: int = 64,
-    depth: int = 4,
-    heads: int = 4,
-    mlp_ratio: float = 2,
-    attention: str = "sdpa",
-) -> nn.Module:
-    """A tiny ViT, timm style. ``attention``: "sdpa" (fused), "mha" or "manual" (softmax)."""
-    return VisionTransformer(
-        img_size=image_size,
-        patch_size=patch,
-        num_classes=num_classes,
-        embed_dim=dim,
-        depth=depth,
-        num_heads=heads,
-        mlp_ratio=mlp_ratio,
-        attention=attention,
-    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -997,8 +947,7 @@ class MlpMixer(nn.Module):
                 for _ in range(num_blocks)
             ]
         )
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.norm, self.head = timm_norm_and_head(embed_dim, num_classes)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -1013,45 +962,19 @@ class MlpMixer(nn.Module):
         return x
 
 
-def mlp_mixer_tiny(
-    num_classes: int = 10,
-    image_size: int = 32,
-    patch: int = 4,
-    dim: int = 64,
-    depth: int = 2,
-    token_hidden: int = 64,
-    channel_hidden: int = 128,
-) -> nn.Module:
-    """A tiny MLP-Mixer, timm style."""
-    return MlpMixer(
-        num_classes=num_classes,
-        img_size=image_size,
-        patch_size=patch,
-        num_blocks=depth,
-        embed_dim=dim,
-        tokens_hidden=token_hidden,
-        channels_hidden=channel_hidden,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # 8. Data-dependent control flow in the top-level forward (not fx-traceable as a whole)
 # --------------------------------------------------------------------------------------------
 
 
-class ResBlock(nn.Module):
-    """conv-BN-ReLU-conv-BN + (projection) shortcut, ReLU. fx-traceable on its own."""
+class ResBlock(TwoConvBody):
+    """conv-BN-ReLU-conv-BN + (projection) shortcut, ReLU, out of place. fx-traceable on its
+    own."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        super().__init__(in_ch, out_ch, stride)
         if stride != 1 or in_ch != out_ch:
-            self.shortcut: nn.Module = nn.Sequential(
-                nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch)
-            )
+            self.shortcut: nn.Module = conv1x1_bn(in_ch, out_ch, stride)
         else:
             self.shortcut = nn.Identity()
 
@@ -1102,32 +1025,21 @@ class EarlyExitNet(nn.Module):
         return self.head(x)
 
 
-def early_exit_net(num_classes: int = 10, width: int = 16) -> nn.Module:
-    """Small CNN with data-dependent Python control flow in its top-level ``forward``."""
-    return EarlyExitNet(num_classes=num_classes, width=width)
-
-
 # --------------------------------------------------------------------------------------------
 # 9. In-place tensor ops, as found in a lot of public code
 # --------------------------------------------------------------------------------------------
 
 
-class InplaceBlock(nn.Module):
+class InplaceBlock(TwoConvBody):
     """``F.relu_`` with its result dropped, ``mul_`` residual scaling, ``add_`` identity."""
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, scale: float = 0.5) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(inplanes, planes, stride)
         self.relu = nn.ReLU(inplace=True)
         self.scale = scale
         self.downsample = None
         if stride != 1 or inplanes != planes:
-            self.downsample = nn.Sequential(
-                conv1x1(inplanes, planes, stride), nn.BatchNorm2d(planes)
-            )
+            self.downsample = conv1x1_bn(inplanes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x
@@ -1143,15 +1055,11 @@ class InplaceBlock(nn.Module):
         return self.relu(out)
 
 
-class InplaceIaddBlock(nn.Module):
+class InplaceIaddBlock(TwoConvBody):
     """Plain ``out += identity`` residual with a reused ``nn.ReLU(inplace=True)``."""
 
     def __init__(self, planes: int) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(planes, planes)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(planes, planes)
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -1184,11 +1092,6 @@ class InplaceStyleNet(nn.Module):
         x = self.layer2(x)
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
         return self.fc(x)
-
-
-def inplace_style_net(num_classes: int = 10, width: int = 8) -> nn.Module:
-    """Small CNN with in-place ops: ``F.relu_``, ``add_``, ``mul_``, ``+=``, inplace ReLU."""
-    return InplaceStyleNet(num_classes=num_classes, width=width)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1244,11 +1147,6 @@ class GNSiLUNet(nn.Module):
         return self.fc(x)
 
 
-def gn_silu_net(num_classes: int = 10, width: int = 8) -> nn.Module:
-    """Small CNN with GroupNorm, SiLU, Hardswish, LeakyReLU and unusual conv options."""
-    return GNSiLUNet(num_classes=num_classes, width=width)
-
-
 # --------------------------------------------------------------------------------------------
 # Our own model, as the baseline
 # --------------------------------------------------------------------------------------------
@@ -1266,143 +1164,169 @@ def ours_resnet20(num_classes: int = 10) -> nn.Module:
 # --------------------------------------------------------------------------------------------
 
 
+_C32 = (3, 32, 32)
+_C16 = (3, 16, 16)
+
+
 @dataclass(frozen=True)
 class ZooEntry:
-    """One model of the zoo: a benchmark-size and a tiny test-size build, and its inputs.
+    """One model of the zoo: ``build(num_classes, **options)`` at benchmark size,
+    ``build(num_classes, **small_options)`` at test size, and the inputs of each.
 
     ``kind``: "cnn", "transformer" or "untraceable" (root ``forward`` not fx-traceable).
     """
 
     name: str
-    factory: Callable[[], nn.Module]
-    small: Callable[[], nn.Module]
-    input_shape: tuple[int, ...]
-    small_input_shape: tuple[int, ...]
-    num_classes: int
     kind: str
     style: str
+    build: Callable[..., nn.Module]
+    options: dict[str, Any]
+    small_options: dict[str, Any]
+    input_shape: tuple[int, ...] = _C32
+    small_input_shape: tuple[int, ...] = _C16
+    num_classes: int = 10
+
+    def factory(self) -> nn.Module:
+        """The benchmark-size model."""
+        return self.build(num_classes=self.num_classes, **self.options)
+
+    def small(self) -> nn.Module:
+        """The tiny test-size model (at most ~20k parameters, except ``ours_resnet20``)."""
+        return self.build(num_classes=self.num_classes, **self.small_options)
 
 
 _SMALL_MBV2_SETTING = [[1, 16, 1, 1], [6, 24, 1, 2], [6, 32, 1, 2], [6, 64, 1, 2]]
+#: What makes the ViTs tiny: 4x4 patches, MLP width twice the embedding.
+_VIT_TINY = {"patch_size": 4, "mlp_ratio": 2}
 
-_C32 = (3, 32, 32)
-_C16 = (3, 16, 16)
-
-
-def _entry(
-    name: str,
-    kind: str,
-    style: str,
-    factory: Callable[[], nn.Module],
-    small: Callable[[], nn.Module],
-    input_shape: tuple[int, ...] = _C32,
-    small_input_shape: tuple[int, ...] = _C16,
-) -> tuple[str, ZooEntry]:
-    entry = ZooEntry(name, factory, small, input_shape, small_input_shape, 10, kind, style)
-    return name, entry
-
-
-ZOO: dict[str, ZooEntry] = dict(
-    [
-        _entry(
+ZOO: dict[str, ZooEntry] = {
+    e.name: e
+    for e in (
+        ZooEntry(
             "akamaster_resnet20",
             "cnn",
             "akamaster/pytorch_resnet_cifar10: LambdaLayer pad shortcut, ModuleList loop",
-            lambda: akamaster_resnet20(10, width=16),
-            lambda: akamaster_resnet20(10, width=4),
+            akamaster_resnet20,
+            {"width": 16},
+            {"width": 4},
         ),
-        _entry(
+        ZooEntry(
             "kuangliu_resnet18",
             "cnn",
             "kuangliu/pytorch-cifar: BasicBlock, nn.Sequential() shortcut, avg_pool2d(4), view",
-            lambda: kuangliu_resnet18(10, width=16),
-            lambda: kuangliu_resnet18(10, width=4, num_blocks=(1, 1, 1, 1)),
+            kuangliu_resnet18,
+            {"width": 16},
+            {"width": 4, "num_blocks": (1, 1, 1, 1)},
             small_input_shape=_C32,  # avg_pool2d(out, 4) needs 32x32
         ),
-        _entry(
+        ZooEntry(
             "torchvision_resnet50",
             "cnn",
             "torchvision.models.resnet: Bottleneck, downsample, reused inplace ReLU, flatten",
-            lambda: torchvision_resnet50(10, width=16),
-            lambda: torchvision_resnet50(10, width=2, layers=(1, 1, 1, 1)),
+            torchvision_resnet50,
+            {"width": 16},
+            {"width": 2, "layers": (1, 1, 1, 1)},
             small_input_shape=_C32,
         ),
-        _entry(
+        ZooEntry(
             "vgg11_bn",
             "cnn",
             "torchvision.models.vgg: make_layers(cfg), AdaptiveAvgPool2d, dropout classifier",
-            lambda: vgg11_bn(10, width=32, hidden=512),
-            lambda: vgg11_bn(10, width=2, hidden=16),
+            vgg11_bn,
+            {"width": 32, "hidden": 512},
+            {"width": 2, "hidden": 16},
             small_input_shape=_C32,  # five max-pools
         ),
-        _entry(
+        ZooEntry(
             "mobilenet_v2",
             "cnn",
             "torchvision.models.mobilenetv2: ConvBNReLU(Sequential), InvertedResidual, ReLU6",
-            lambda: mobilenet_v2(10, width_mult=0.5, image_size=32),
-            lambda: mobilenet_v2(
-                10,
-                width_mult=0.25,
-                image_size=16,
-                inverted_residual_setting=_SMALL_MBV2_SETTING,
-                round_nearest=4,
-            ),
+            MobileNetV2,
+            {"width_mult": 0.5, "image_size": 32},
+            {
+                "width_mult": 0.25,
+                "image_size": 16,
+                "inverted_residual_setting": _SMALL_MBV2_SETTING,
+                "round_nearest": 4,
+            },
         ),
-        _entry(
+        ZooEntry(
             "vit_tiny",
             "transformer",
             "timm vision_transformer: PatchEmbed, cls token, fused qkv + SDPA, pre-norm Block",
-            lambda: vit_tiny(10, image_size=32, patch=4, dim=64, depth=4, heads=4),
-            lambda: vit_tiny(10, image_size=16, patch=4, dim=16, depth=2, heads=2),
+            VisionTransformer,
+            _VIT_TINY | {"img_size": 32, "embed_dim": 64, "depth": 4, "num_heads": 4},
+            _VIT_TINY | {"img_size": 16, "embed_dim": 16, "depth": 2, "num_heads": 2},
         ),
-        _entry(
+        ZooEntry(
             "vit_tiny_mha",
             "transformer",
             "timm-style ViT with nn.MultiheadAttention(batch_first=True), need_weights=False",
-            lambda: vit_tiny(10, image_size=32, dim=64, depth=4, heads=4, attention="mha"),
-            lambda: vit_tiny(10, image_size=16, dim=16, depth=2, heads=2, attention="mha"),
+            VisionTransformer,
+            _VIT_TINY
+            | {"img_size": 32, "embed_dim": 64, "depth": 4, "num_heads": 4, "attention": "mha"},
+            _VIT_TINY
+            | {"img_size": 16, "embed_dim": 16, "depth": 2, "num_heads": 2, "attention": "mha"},
         ),
-        _entry(
+        ZooEntry(
             "mlp_mixer_tiny",
             "transformer",
             "timm mlp_mixer: transposed token-mixing Mlp, channel Mlp, LayerNorm, token mean",
-            lambda: mlp_mixer_tiny(10, image_size=32, patch=4, dim=64, depth=2),
-            lambda: mlp_mixer_tiny(
-                10, image_size=16, patch=4, dim=16, depth=2, token_hidden=8, channel_hidden=32
-            ),
+            MlpMixer,
+            {
+                "img_size": 32,
+                "patch_size": 4,
+                "num_blocks": 2,
+                "embed_dim": 64,
+                "tokens_hidden": 64,
+                "channels_hidden": 128,
+            },
+            {
+                "img_size": 16,
+                "patch_size": 4,
+                "num_blocks": 2,
+                "embed_dim": 16,
+                "tokens_hidden": 8,
+                "channels_hidden": 32,
+            },
         ),
-        _entry(
+        ZooEntry(
             "early_exit_net",
             "untraceable",
             "data-dependent `if x.abs().mean().item() > 1e4` + ModuleList loop in root forward",
-            lambda: early_exit_net(10, width=16),
-            lambda: early_exit_net(10, width=4),
+            EarlyExitNet,
+            {"width": 16},
+            {"width": 4},
         ),
-        _entry(
+        ZooEntry(
             "inplace_style_net",
             "cnn",
             "in-place habits: F.relu_(out) result dropped, out.mul_, out.add_, out +=",
-            lambda: inplace_style_net(10, width=16),
-            lambda: inplace_style_net(10, width=8),
+            InplaceStyleNet,
+            {"width": 16},
+            {"width": 8},
         ),
-        _entry(
+        ZooEntry(
             "gn_silu_net",
             "cnn",
             "GroupNorm/SiLU/Hardswish, padding='same', reflect pad, grouped + depthwise x2, cat",
-            lambda: gn_silu_net(10, width=16),
-            lambda: gn_silu_net(10, width=8),
+            GNSiLUNet,
+            {"width": 16},
+            {"width": 8},
         ),
-        _entry(
+        ZooEntry(
             "ours_resnet20",
             "cnn",
             "zoopt.torch.models.ResNet20: staged nn.Sequential body (our own style)",
-            lambda: ours_resnet20(10),
-            lambda: ours_resnet20(10),
+            ours_resnet20,
+            {},
+            {},
             small_input_shape=(3, 8, 8),
         ),
-    ]
-)
-"""All zoo entries by name (12 models; ``vit_tiny_mha`` is ``vit_tiny(attention="mha")``)."""
+    )
+}
+"""All zoo entries by name (12 models; ``vit_tiny_mha`` is ``vit_tiny`` with
+``attention="mha"``)."""
 
 
 # --------------------------------------------------------------------------------------------

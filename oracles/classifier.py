@@ -21,6 +21,7 @@ built, torch when a LocalClassifier is.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import email.utils
 import ipaddress
 import math
@@ -34,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from zoopt.oracle import BudgetExceeded, OracleError
+from zoopt.oracle import Budget, OracleError
 
 from .open_inference import (
     DATATYPES,
@@ -95,6 +96,18 @@ class ClassifierAPI(Protocol):
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Logits ``(n, K)`` float32 for images ``(n, C, H, W)`` float32."""
         ...
+
+
+@runtime_checkable
+class RowIndependent(Protocol):
+    """A classifier that can say whether it maps each image on its own.
+
+    ``rows_independent()`` is True when an image's logits are bit for bit the same whatever
+    other images share its ``predict`` call, so a server may merge requests into one call
+    (:mod:`oracles.batching`). A classifier without this method is never merged.
+    """
+
+    def rows_independent(self) -> bool: ...
 
 
 def check_images(
@@ -182,11 +195,19 @@ class BatchingClassifier:
             input_shape = tuple(int(s) for s in input_shape)
         self.max_batch = max_batch
         self.input_shape: tuple[int, ...] | None = input_shape
-        self.max_queries = max_queries
+        #: images answered, images of calls in flight and the cap: zoopt's one Budget
+        self.budget = Budget(max_queries)
         self.num_classes: int | None = None
-        self.queries = 0
-        self._reserved = 0  # images of calls in progress, counted against the budget
         self._count_lock = threading.Lock()
+
+    @property
+    def queries(self) -> int:
+        """Images whose logits came back (the budget's ``spent``)."""
+        return self.budget.spent
+
+    @property
+    def max_queries(self) -> int | None:
+        return self.budget.max_queries
 
     def _predict_batch(self, images: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -206,15 +227,7 @@ class BatchingClassifier:
         self._prepare()
         images = check_images(images, input_shape=self.input_shape)
         n = images.shape[0]
-        with self._count_lock:  # check and reserve together: exact under concurrency
-            if (
-                self.max_queries is not None
-                and self.queries + self._reserved + n > self.max_queries
-            ):
-                raise BudgetExceeded(
-                    self.queries + self._reserved, self.max_queries, None, math.inf
-                )
-            self._reserved += n
+        self.budget.reserve(n)  # check and reserve together: exact under concurrency
         answered = 0
 
         def one(batch: np.ndarray) -> np.ndarray:
@@ -222,8 +235,7 @@ class BatchingClassifier:
             logits = self._predict_batch(batch)
             with self._count_lock:
                 self._check_logits(logits, batch.shape[0])
-                self.queries += batch.shape[0]
-                self._reserved -= batch.shape[0]
+                self.budget.settle(batch.shape[0])
                 answered += batch.shape[0]
             return logits
 
@@ -232,7 +244,7 @@ class BatchingClassifier:
             parts = self._map_batches(one, batches)
         finally:
             with self._count_lock:
-                self._reserved -= n - answered
+                self.budget.release(n - answered)
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _check_logits(self, logits: Any, rows: int) -> None:
@@ -265,6 +277,13 @@ class LocalClassifier(BatchingClassifier):
         input_shape: the expected ``(C, H, W)``, checked on every call if given.
         max_queries: query budget (images); None for unlimited.
         name: the model's name; our server serves it as ``/v2/models/{name}``.
+        min_batch: fewest rows handed to the module; a smaller batch is padded with copies
+            of its last image, whose logits are dropped. Torch's CPU kernels take another
+            path for a single row (oneDNN convolution, matrix-vector products) whose logits
+            differ in the last bits from the same image's row in any larger batch; with the
+            default 2, an image's logits do not depend on the batch it comes in (measured
+            for ResNet-18 and a conv+linear net, batches 2 to 256), which is what lets our
+            server merge requests exactly. 1 turns padding off.
     """
 
     def __init__(
@@ -276,12 +295,16 @@ class LocalClassifier(BatchingClassifier):
         input_shape: Sequence[int] | None = None,
         max_queries: int | None = None,
         name: str | None = None,
+        min_batch: int = 2,
     ):
         import torch
 
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 1:
+            raise ValueError(f"min_batch must be a positive integer, got {min_batch!r}")
         super().__init__(max_batch, input_shape=input_shape, max_queries=max_queries)
+        self.min_batch = min_batch
         self._torch = torch
         self.device = torch.device(device)
         self.module = module.to(self.device).eval()
@@ -297,15 +320,32 @@ class LocalClassifier(BatchingClassifier):
             "device": str(self.device),
         }
 
+    def rows_independent(self) -> bool:
+        """Whether each image's logits are independent of the other images in its call:
+        False while a submodule is in training mode (dropout; batch norm using the batch's
+        statistics) or a batch norm keeps no running statistics (it always uses the
+        batch's). Other layers that mix images are not detected (documented)."""
+        torch = self._torch
+        batch_norms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)
+        for module in self.module.modules():
+            if module.training:
+                return False
+            if isinstance(module, batch_norms) and module.running_mean is None:
+                return False
+        return True
+
     def _predict_batch(self, images: np.ndarray) -> np.ndarray:
         torch = self._torch
         if self.module.training:  # someone flipped it back: BN/dropout must not see queries
             self.module.eval()
-        if not images.flags.writeable:  # torch.from_numpy warns on read-only buffers
+        rows = images.shape[0]
+        if rows < self.min_batch:  # see min_batch: one code path for every batch size
+            images = np.concatenate([images, np.repeat(images[-1:], self.min_batch - rows, 0)])
+        elif not images.flags.writeable:  # torch.from_numpy warns on read-only buffers
             images = images.copy()
         with torch.inference_mode():
             logits = self.module(torch.from_numpy(images).to(self.device))
-        return logits.detach().to("cpu", torch.float32).numpy()
+        return logits[:rows].detach().to("cpu", torch.float32).numpy()
 
     def __repr__(self) -> str:
         return f"LocalClassifier({self.name}, device={self.device}, queries={self.queries})"
@@ -345,7 +385,8 @@ class HTTPClassifier(BatchingClassifier):
         on_nonfinite: ``"raise"`` (:class:`NonFiniteLogits` naming the first bad logit) or
             ``"inf"`` (record ``+inf`` for each NaN/inf logit), as in :mod:`zoopt.oracle`.
         max_in_flight: batches of one ``predict`` call sent concurrently (each on its own
-            pooled connection) to keep a remote server busy.
+            pooled connection) to keep a remote server busy; a batching server (ours,
+            Triton's) merges them into fewer model calls (docs/classifier_api.md).
         verify: TLS verification for https (``httpx``'s ``verify``).
 
     Attributes:
@@ -353,6 +394,10 @@ class HTTPClassifier(BatchingClassifier):
             response is lost and then retried is served twice.
         requests: inference requests attempted (the ones that carry images), retries and
             failed connections included; metadata and health requests are not counted.
+        transport: the frozen :class:`Transport` (timeout, retries, backoff, max_in_flight,
+            verify); ``timeout`` etc. read it.
+        binding: the frozen :class:`TensorBinding` as given; ``model``, ``input_name``,
+            ``output_name``, ``datatype`` and ``binary`` hold what was learned from the server.
     """
 
     def __init__(
@@ -376,89 +421,46 @@ class HTTPClassifier(BatchingClassifier):
         verify: Any = True,
     ):
         super().__init__(max_batch, input_shape=input_shape, max_queries=max_queries)
-        if not isinstance(url, str):
-            raise ValueError(f"url must be a string, got {url!r}")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"url must be http(s)://host[:port][/prefix], got {url!r}")
-        if parts.query or parts.fragment:
-            raise ValueError(f"url must not have a query or fragment, got {url!r}")
-        if not _finite_number(timeout) or timeout <= 0:
-            raise ValueError(
-                f"timeout must be a positive finite number of seconds, got {timeout!r}"
-            )
-        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
-            raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-        if not _finite_number(backoff) or backoff < 0:
-            raise ValueError(
-                f"backoff must be a non-negative finite number of seconds, got {backoff!r}"
-            )
+        self.transport = Transport(timeout, retries, backoff, max_in_flight, verify)
+        self.binding = TensorBinding(model, input_name, output_name, datatype, binary, on_nonfinite)
+        self.url, model = _split_model_url(url, model)
         if token is not None and (not isinstance(token, str) or not token):
             raise ValueError("token must be a non-empty string or None")
-        if (
-            isinstance(max_in_flight, bool)
-            or not isinstance(max_in_flight, int)
-            or max_in_flight < 1
-        ):
-            raise ValueError(f"max_in_flight must be a positive integer, got {max_in_flight!r}")
-        if on_nonfinite not in ("raise", "inf"):
-            raise ValueError(f"on_nonfinite must be 'raise' or 'inf', got {on_nonfinite!r}")
-        if binary is not None and not isinstance(binary, bool):
-            raise ValueError(f"binary must be True, False or None, got {binary!r}")
-        if datatype is not None and datatype not in INPUT_DATATYPES:
-            raise ValueError(
-                f"datatype must be one of {', '.join(INPUT_DATATYPES)}, got {datatype!r}"
-            )
-        for label, value in (
-            ("model", model),
-            ("input_name", input_name),
-            ("output_name", output_name),
-        ):
-            if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"{label} must be a non-empty string or None, got {value!r}")
-        root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
-        found = _MODEL_URL.match(root)
-        if found:
-            if model is not None and model != urllib.parse.unquote(found["model"]):
-                raise ValueError(f"model={model!r} disagrees with the model in url {url!r}")
-            root, model = found["root"], urllib.parse.unquote(found["model"])
-        if token and parts.scheme == "http" and not is_loopback_host(parts.hostname):
+        hostname = urllib.parse.urlsplit(self.url).hostname or ""
+        if token and self.url.startswith("http:") and not is_loopback_host(hostname):
             warnings.warn(
-                f"sending a bearer token in clear text to {parts.hostname}; use https",
-                stacklevel=2,
+                f"sending a bearer token in clear text to {hostname}; use https", stacklevel=2
             )
-        import httpx
-
-        self._httpx = httpx
-        self.url = root
         self.token = token
-        self.timeout = float(timeout)
-        self.retries = retries
-        self.backoff = float(backoff)
-        self.model = model
-        self.input_name = input_name
-        self.output_name = output_name
-        self.datatype = datatype
-        self.binary = binary
+        # Learned from the server on first use where None (see metadata()).
+        self.model, self.input_name, self.output_name = model, input_name, output_name
+        self.datatype, self.binary = datatype, binary
         self.on_nonfinite = on_nonfinite
-        self.max_in_flight = max_in_flight
         self.requests = 0
         self._metadata: dict[str, Any] | None = None
         self._metadata_lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._client = httpx.Client(
-            headers=headers,
-            # Each phase bounded; waiting for a pooled connection is not (threads queue).
-            timeout=httpx.Timeout(self.timeout, pool=None),
-            limits=httpx.Limits(
-                max_connections=max(4, max_in_flight),
-                max_keepalive_connections=max(4, max_in_flight),
-            ),
-            trust_env=False,  # no proxies or netrc credentials picked up from the environment
-            follow_redirects=False,
-            verify=verify,
-        )
+        self._client = self.transport.client({"Authorization": f"Bearer {token}"} if token else {})
+
+    @property
+    def timeout(self) -> float:
+        """Seconds for each phase of a request (``transport.timeout``)."""
+        return self.transport.timeout
+
+    @property
+    def retries(self) -> int:
+        """Extra attempts on transient failures (``transport.retries``)."""
+        return self.transport.retries
+
+    @property
+    def backoff(self) -> float:
+        """Base delay before a retry, seconds (``transport.backoff``)."""
+        return self.transport.backoff
+
+    @property
+    def max_in_flight(self) -> int:
+        """Batches of one call sent at once (``transport.max_in_flight``)."""
+        return self.transport.max_in_flight
 
     # -- public ---------------------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
@@ -660,7 +662,8 @@ class HTTPClassifier(BatchingClassifier):
         retries: int | None = None,
     ) -> Any:
         """One logical request, retried on transient failures; returns the httpx response."""
-        httpx = self._httpx
+        import httpx
+
         target = f"{self.url}{path}"
         retries = self.retries if retries is None else retries
         failures: list[tuple[str, int | None]] = []
@@ -701,6 +704,102 @@ class HTTPClassifier(BatchingClassifier):
 
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Transport:
+    """How :class:`HTTPClassifier` talks to the server (checked on construction; see its
+    arguments of the same names): per-phase ``timeout`` (s), ``retries`` and ``backoff`` (s)
+    for transient failures, ``max_in_flight`` concurrent batches, TLS ``verify``."""
+
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 0.5
+    max_in_flight: int = 1
+    verify: Any = True
+
+    def __post_init__(self) -> None:
+        if not _finite_number(self.timeout) or self.timeout <= 0:
+            raise ValueError(
+                f"timeout must be a positive finite number of seconds, got {self.timeout!r}"
+            )
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ValueError(f"retries must be a non-negative integer, got {self.retries!r}")
+        if not _finite_number(self.backoff) or self.backoff < 0:
+            raise ValueError(
+                f"backoff must be a non-negative finite number of seconds, got {self.backoff!r}"
+            )
+        if not _positive_int(self.max_in_flight):
+            raise ValueError(
+                f"max_in_flight must be a positive integer, got {self.max_in_flight!r}"
+            )
+        object.__setattr__(self, "timeout", float(self.timeout))
+        object.__setattr__(self, "backoff", float(self.backoff))
+
+    def client(self, headers: dict[str, str]) -> Any:
+        """An ``httpx.Client`` with these settings: one pooled connection per batch in flight,
+        no proxies or netrc from the environment, no redirects."""
+        import httpx
+
+        pool = max(4, self.max_in_flight)
+        return httpx.Client(
+            headers=headers,
+            # Each phase bounded; waiting for a pooled connection is not (threads queue).
+            timeout=httpx.Timeout(self.timeout, pool=None),
+            limits=httpx.Limits(max_connections=pool, max_keepalive_connections=pool),
+            trust_env=False,
+            follow_redirects=False,
+            verify=self.verify,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorBinding:
+    """The names and encodings :class:`HTTPClassifier` was given (None: learn them from the
+    server), checked on construction."""
+
+    model: str | None = None
+    input_name: str | None = None
+    output_name: str | None = None
+    datatype: str | None = None
+    binary: bool | None = None
+    on_nonfinite: str = "raise"
+
+    def __post_init__(self) -> None:
+        if self.on_nonfinite not in ("raise", "inf"):
+            raise ValueError(f"on_nonfinite must be 'raise' or 'inf', got {self.on_nonfinite!r}")
+        if self.binary is not None and not isinstance(self.binary, bool):
+            raise ValueError(f"binary must be True, False or None, got {self.binary!r}")
+        if self.datatype is not None and self.datatype not in INPUT_DATATYPES:
+            raise ValueError(
+                f"datatype must be one of {', '.join(INPUT_DATATYPES)}, got {self.datatype!r}"
+            )
+        for label in ("model", "input_name", "output_name"):
+            value = getattr(self, label)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{label} must be a non-empty string or None, got {value!r}")
+
+
+def _split_model_url(url: Any, model: str | None) -> tuple[str, str | None]:
+    """``(server root, model)`` from a root or ``.../v2/models/NAME`` URL (http(s) only)."""
+    if not isinstance(url, str):
+        raise ValueError(f"url must be a string, got {url!r}")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"url must be http(s)://host[:port][/prefix], got {url!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"url must not have a query or fragment, got {url!r}")
+    root = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")).rstrip("/")
+    found = _MODEL_URL.match(root)
+    if not found:
+        return root, model
+    if model is not None and model != urllib.parse.unquote(found["model"]):
+        raise ValueError(f"model={model!r} disagrees with the model in url {url!r}")
+    return found["root"], urllib.parse.unquote(found["model"])
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 # -- small helpers ------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import io
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,23 @@ import pytest
 
 # Two cores in CI: keep BLAS/torch from oversubscribing when tests run alongside workers.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# A shell without job control (a CI script, `cmd &`) starts us with Ctrl-C ignored, and Python
+# then installs no KeyboardInterrupt handler: the Ctrl-C tests need a terminal's.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """One torch thread for the test: tiny tensors gain nothing from a second OpenMP thread
+    but barrier waits (costly on a shared CPU), and some results are per thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -259,16 +259,26 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(cycles)
 
 
+def write_tree(root, files):
+    """Write ``{"pkg/a.py": source}`` under ``root`` (folders made as needed): a probe package."""
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
 def test_the_cycle_check_finds_a_cycle_through_lazy_and_type_only_imports(tmp_path):
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("from .a import f\n")
-    (pkg / "a.py").write_text("from . import b\ndef f():\n    return b.g()\n")
-    (pkg / "b.py").write_text("def g():\n    from .c import h\n    return h()\n")
-    (pkg / "c.py").write_text(
-        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import f\n"
+    write_tree(
+        tmp_path,
+        {
+            "pkg/__init__.py": "from .a import f\n",
+            "pkg/a.py": "from . import b\ndef f():\n    return b.g()\n",
+            "pkg/b.py": "def g():\n    from .c import h\n    return h()\n",
+            "pkg/c.py": "from typing import TYPE_CHECKING\n"
+            "if TYPE_CHECKING:\n    from pkg.a import f\n",
+            "pkg/d.py": "import pkg.a\nfrom pkg import f\n",  # importers: no cycle
+        },
     )
-    (pkg / "d.py").write_text("import pkg.a\nfrom pkg import f\n")  # importers: no cycle
     graph = import_graph(_modules(tmp_path, ("pkg",)))
     assert graph["pkg.a"] == {"pkg.b"} and graph["pkg.d"] == {"pkg", "pkg.a"}
     assert import_cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"]]
@@ -340,23 +350,22 @@ def private_uses(modules: dict[str, Path]) -> list[str]:
 
 
 def test_the_private_access_check_sees_imports_and_attributes(tmp_path):
-    pkg = tmp_path / "pkg"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "_impl.py").write_text("def helper():\n    pass\n")
-    (pkg / "core.py").write_text(
-        "from . import _impl\n"  # a private submodule within its package: fine
-        "def _helper():\n    pass\n"
-        "class Engine:\n"
-        "    def __init__(self):\n        self._cache = {}\n"
-        "    def _module(self, node):\n        return self._cache[node]\n"
-    )
-    (pkg / "rules.py").write_text(
-        "import torch\n"
-        "from .core import _helper\n"
-        "def rule(ch, t):\n"
-        "    t._version, torch._C\n"  # third-party privates: not flagged
-        "    return ch.engine._module(1)\n"
+    write_tree(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/_impl.py": "def helper():\n    pass\n",
+            "pkg/core.py": "from . import _impl\n"  # a private submodule within its package
+            "def _helper():\n    pass\n"
+            "class Engine:\n"
+            "    def __init__(self):\n        self._cache = {}\n"
+            "    def _module(self, node):\n        return self._cache[node]\n",
+            "pkg/rules.py": "import torch\n"
+            "from .core import _helper\n"
+            "def rule(ch, t):\n"
+            "    t._version, torch._C\n"  # third-party privates: not flagged
+            "    return ch.engine._module(1)\n",
+        },
     )
     assert private_uses(_modules(tmp_path, ("pkg",))) == [
         "pkg.rules: from pkg.core import _helper",
@@ -369,3 +378,112 @@ def test_no_module_uses_another_modules_private_names():
     module reaching into another's ``_members`` (``ch.engine._graph``) is an interface the
     owner does not know it has. (No allow-list: the tree has no such use; keep it so.)"""
     assert private_uses(_modules()) == []
+
+
+def private_reaches(modules: dict[str, Path], package: str) -> list[str]:
+    """``module:line: code`` for every ``obj._name`` in ``package`` where ``obj`` is not
+    ``self``, ``cls`` or ``super()`` and ``_name`` is a private name the project defines,
+    even one the using module defines too (``ch.engine._plan`` in a module with a ``_plan``
+    of its own, ``self.cache._scratch``): an object reaching into another's members."""
+    trees = {m: ast.parse(p.read_text(), filename=str(p)) for m, p in modules.items()}
+    project_private = set()
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                name = node.name
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                name = node.id
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                name = node.attr
+            else:
+                continue
+            if _private(name):
+                project_private.add(name)
+    found = []
+    for module, tree in trees.items():
+        if not (module == package or module.startswith(package + ".")):
+            continue
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and node.attr in project_private):
+                continue
+            obj = node.value
+            if isinstance(obj, ast.Name) and obj.id in ("self", "cls"):
+                continue
+            if isinstance(obj, ast.Call) and getattr(obj.func, "id", None) == "super":
+                continue
+            found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    return sorted(found)
+
+
+def test_the_reach_check_sees_a_private_member_the_user_also_defines(tmp_path):
+    write_tree(
+        tmp_path,
+        {
+            "pkg/__init__.py": "",
+            "pkg/core.py": "class Engine:\n    def __init__(self):\n        self._plan = None\n",
+            "pkg/rules.py": "class Rules:\n"
+            "    def __init__(self):\n        self._plan = 1\n"  # its own _plan: fine
+            "    def rule(self, ch, t):\n"
+            "        t._version\n"  # a third-party private: not flagged
+            "        return self._plan, ch.engine._plan\n",
+        },
+    )
+    assert private_reaches(_modules(tmp_path, ("pkg",)), "pkg") == ["pkg.rules:6: ch.engine._plan"]
+
+
+def test_the_engines_parts_reach_into_no_other_objects_private_members():
+    """The engine's core, planner, caches, rules and chunks talk through public interfaces
+    (``ch.context.unperturbed(node)``, never ``ch.engine._cache``)."""
+    modules = _modules()
+    assert "zoopt.torch.engine.context" in modules
+    assert private_reaches(modules, "zoopt.torch.engine") == []
+
+
+# -- data that is downloaded or unpickled stays out of the core ----------------------------
+#: Who may import zoopt.datasets (the package fetcher, the one restricted unpickler, the data
+#: sets read through them): the package itself and the torch layer, where ``zoopt train``
+#: loads its data set (zoopt/torch/cli_tasks.py). The applications may too.
+DATASETS_IMPORTERS = ("zoopt.datasets", "zoopt.torch")
+
+
+def core_datasets_imports(modules: dict[str, Path]) -> list[str]:
+    """``module: name`` for every module of ``zoopt`` outside :data:`DATASETS_IMPORTERS`
+    that imports ``zoopt.datasets`` (or a module of it)."""
+
+    def within(module: str, packages: tuple[str, ...]) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
+    found = []
+    for module, path in modules.items():
+        if not within(module, ("zoopt",)) or within(module, DATASETS_IMPORTERS):
+            continue
+        found += [
+            f"{module}: {n}" for n in imports_of(path, module) if within(n, ("zoopt.datasets",))
+        ]
+    return sorted(found)
+
+
+def test_the_datasets_check_sees_a_core_module_importing_it(tmp_path):
+    write_tree(
+        tmp_path,
+        {
+            "zoopt/__init__.py": "",
+            "zoopt/torch/__init__.py": "",
+            "zoopt/datasets/__init__.py": "",
+            "zoopt/datasets/images.py": "from .pickles import load_numpy_pickle\n",
+            "zoopt/torch/cli_tasks.py": "from .. import datasets\n",
+            "zoopt/minimize.py": "def f():\n    from .datasets import load_cifar10\n",
+        },
+    )
+    assert core_datasets_imports(_modules(tmp_path, ("zoopt",))) == [
+        "zoopt.minimize: zoopt.datasets",
+        "zoopt.minimize: zoopt.datasets.load_cifar10",
+    ]
+
+
+def test_the_core_never_imports_the_datasets_package():
+    """An optimizer has no business fetching archives or unpickling files: ``zoopt.data``
+    (local, pickle-free loaders and batching) is all the core reads data with."""
+    modules = _modules()
+    assert "zoopt.datasets" in modules
+    assert core_datasets_imports(modules) == []

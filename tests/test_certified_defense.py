@@ -661,7 +661,7 @@ def test_app_end_to_end_on_a_tiny_setting(tmp_path):
         "--dataset", "mnist", "--classifier-weights", str(weights), "--image-size", "8", "--q", "36", "--batch-size",
         "8", "--epochs", "1", "--steps-per-epoch", "2", "--pretrain-epochs", "1",
         "--dncnn-depth", "3", "--dncnn-width", "4", "--grasp-q", "2", "--grasp-per-class", "1",
-        "--num-validate", "10",
+        "--num-validate", "10", "--lr-factors", "1,2", "--sweep-draws", "1",
         "--n0", "5", "--n", "20", "--num-certify", "4", "--no-progress",
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT)

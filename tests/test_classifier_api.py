@@ -565,23 +565,31 @@ def test_kept_alive_responses_are_not_delayed_by_nagle(service):
     assert sorted(gaps[2:])[5] < 0.02, gaps
 
 
-def test_busy_server_answers_503_with_retry_after():
+def test_a_request_beyond_the_queue_bound_gets_503_with_retry_after():
     model = GatedNet()
-    server = start(model, max_concurrent=1)
+    server = start(model, max_queue=1)
     try:
-        held = threading.Thread(
-            target=raw_request, args=(server, "POST", INFER, *infer_body(images(1)))
+        held, queued = (
+            threading.Thread(
+                target=raw_request, args=(server, "POST", INFER, *infer_body(images(1, seed)))
+            )
+            for seed in (1, 2)
         )
         held.start()
-        assert model.entered.wait(10)
+        assert model.entered.wait(10)  # the first is in the model, the second waits
+        queued.start()
+        deadline = time.monotonic() + 10
+        while server.batcher.waiting < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
         status, headers, body = raw_request(server, "POST", INFER, *infer_body(images(1)))
         assert status == 503 and headers["retry-after"] == "1"
-        assert "busy" in json.loads(body)["error"]
+        assert "queue full" in json.loads(body)["error"]
     finally:
         model.release.set()
         held.join(10)
+        queued.join(10)
         stop(server)
-    assert server.queries_served == 1
+    assert server.queries_served == 2
 
 
 def test_binding_beyond_loopback_without_a_token_warns(model):
@@ -597,7 +605,9 @@ def test_binding_beyond_loopback_without_a_token_warns(model):
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"max_batch": 0}, "max_batch"), ({"token": ""}, "token"), ({"max_request_bytes": 0}, "max_request_bytes"),
-     ({"max_concurrent": 0}, "max_concurrent"), ({"input_shape": (8, 8)}, "input_shape"),
+     ({"max_queue": 0}, "max_queue"), ({"input_shape": (8, 8)}, "input_shape"),
+     ({"max_connections_per_client": 0}, "max_connections_per_client"),
+     ({"queue_timeout": 0}, "queue_timeout"), ({"max_batch_delay_ms": -1}, "max_batch_delay_ms"),
      ({"request_timeout": float("inf")}, "inf"), ({"model_name": "a/b"}, "a/b")],
 )  # fmt: skip
 def test_make_server_rejects_bad_settings(model, kwargs, match):
@@ -668,9 +678,9 @@ def _trickle(server, data: bytes, every: float, seconds: float, outcome: dict, k
 
 def test_slow_trickling_clients_time_out_without_blocking_anyone():
     """Four clients trickle their headers and four their body, a byte every 0.1 s (each
-    byte would reset a per-read timeout); with request_timeout=1 s and max_concurrent=1 they
+    byte would reset a per-read timeout); with request_timeout=1 s and max_queue=1 they
     are cut off within the deadline, and meanwhile every normal request is answered."""
-    server = start(TinyNet(), max_concurrent=1, request_timeout=1.0)
+    server = start(TinyNet(), max_queue=1, request_timeout=1.0)
     body, headers = infer_body(images(1))
     with_body = (REQUEST_HEAD + f"{HEADER_LENGTH}: {headers[HEADER_LENGTH]}\r\n"
                  f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
@@ -731,9 +741,9 @@ def test_slow_trickling_clients_time_out_without_blocking_anyone():
 
 
 def test_a_slow_body_never_holds_the_only_slot():
-    """The slot is taken after the body is complete: with max_concurrent=1, a client halfway
-    through sending its body does not make others get 503."""
-    server = start(TinyNet(), max_concurrent=1, request_timeout=5.0)
+    """A request enters the queue after its body is complete: with max_queue=1, a client
+    halfway through sending its body does not make others get 503."""
+    server = start(TinyNet(), max_queue=1, request_timeout=5.0)
     body, headers = infer_body(images(1))
     try:
         with socket.create_connection(server.server_address[:2], timeout=5) as slow:
@@ -750,7 +760,7 @@ def test_a_slow_body_never_holds_the_only_slot():
 
 # -- the client -----------------------------------------------------------------------------
 def test_query_budget_is_exact_with_10_threads():
-    service = start(TinyNet(), max_concurrent=10)  # no 503s: only the budget says no
+    service = start(TinyNet())  # no 503s: only the budget says no
     client = HTTPClassifier(service.url, token=TOKEN, max_queries=10)
     outcomes: list[str] = []
     barrier = threading.Barrier(10)
@@ -779,8 +789,8 @@ def test_query_budget_is_exact_with_10_threads():
 
 def test_twenty_concurrent_clients_get_bit_identical_answers():
     """20 clients (half binary, half JSON) at once, each 3 calls; the server admits all 20
-    (max_concurrent=20: with fewer, the extra ones get 503 and retry, a different test)."""
-    service = start(TinyNet(), max_concurrent=20)
+    (merged into shared model calls by the server's dynamic batching)."""
+    service = start(TinyNet())
     inputs = [images(3, seed=100 + k) for k in range(20)]
     expected = [reference(x) for x in inputs]
     results: dict[int, np.ndarray] = {}
@@ -854,6 +864,7 @@ def test_client_learns_names_and_shape_from_metadata_and_takes_a_model_url(model
     server = make_server(
         LocalClassifier(model), token=TOKEN, model_name="owner-net", input_name="x",
         output_name="y", input_shape=INPUT_SHAPE, max_batch=SERVER_MAX_BATCH,
+        dynamic_batching=False,  # the model sees the client's own batches
     )  # fmt: skip
     serve_in_background(server)
     try:

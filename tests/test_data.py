@@ -1,4 +1,4 @@
-"""Data loaders, augmentation and batching (zoopt.data)."""
+"""Data loaders, augmentation and batching (zoopt.data; CIFAR-10's pickles: zoopt.datasets)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zoopt import data
+from zoopt import data, datasets
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -111,8 +111,8 @@ def fake_cifar(folder, n_per_batch: int = 3, seed: int = 0):
 
 
 def normalized(raw: np.ndarray) -> np.ndarray:
-    mean = np.array(data.CIFAR10_MEAN)[None, :, None, None]
-    std = np.array(data.CIFAR10_STD)[None, :, None, None]
+    mean = np.array(datasets.CIFAR10_MEAN)[None, :, None, None]
+    std = np.array(datasets.CIFAR10_STD)[None, :, None, None]
     return (raw / 255.0 - mean) / std
 
 
@@ -120,7 +120,7 @@ def normalized(raw: np.ndarray) -> np.ndarray:
 def test_cifar10_reads_standard_batches(tmp_path, nested):
     folder = tmp_path / "cifar-10-batches-py" if nested else tmp_path
     raw_train, y_train_raw, raw_test, y_test_raw = fake_cifar(folder)
-    X_train, y_train, X_test, y_test = data.load_cifar10(tmp_path)
+    X_train, y_train, X_test, y_test = datasets.load_cifar10(tmp_path)
     assert X_train.shape == (15, 3, 32, 32) and X_test.shape == (4, 3, 32, 32)
     assert X_train.dtype == np.float32 and y_train.dtype == np.int64
     np.testing.assert_array_equal(y_train, y_train_raw)
@@ -131,7 +131,7 @@ def test_cifar10_reads_standard_batches(tmp_path, nested):
 
 def test_cifar10_pixels_without_normalization(tmp_path):
     raw_train, _, raw_test, _ = fake_cifar(tmp_path)
-    X_train, _, X_test, _ = data.load_cifar10(tmp_path, normalize=False)
+    X_train, _, X_test, _ = datasets.load_cifar10(tmp_path, normalize=False)
     np.testing.assert_allclose(X_train, raw_train / 255.0, rtol=1e-6)
     np.testing.assert_allclose(X_test, raw_test / 255.0, rtol=1e-6)
     assert X_train.dtype == np.float32 and 0.0 <= X_train.min() and X_train.max() <= 1.0
@@ -142,7 +142,7 @@ def test_cifar10_reads_python2_pickles(tmp_path):
     r = np.random.default_rng(5)
     test = r.integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
     (tmp_path / "test_batch").write_bytes(python2_batch_bytes(test, [7, 3]))
-    X_train, _, X_test, y_test = data.load_cifar10(tmp_path)
+    X_train, _, X_test, y_test = datasets.load_cifar10(tmp_path)
     np.testing.assert_array_equal(y_test, [7, 3])
     np.testing.assert_allclose(X_test, normalized(test), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(X_train, normalized(raw_train), rtol=1e-5, atol=1e-5)
@@ -151,11 +151,11 @@ def test_cifar10_reads_python2_pickles(tmp_path):
 def test_cifar10_missing_folder_and_files_are_named(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        data.load_cifar10(missing)
+        datasets.load_cifar10(missing)
     fake_cifar(tmp_path / "cifar-10-batches-py")
     os.remove(tmp_path / "cifar-10-batches-py" / "data_batch_3")
     with pytest.raises(FileNotFoundError, match="data_batch_3") as info:
-        data.load_cifar10(tmp_path)
+        datasets.load_cifar10(tmp_path)
     assert "data_batch_1" not in str(info.value).split(":")[1].split("(")[0]
 
 
@@ -163,7 +163,7 @@ def test_cifar10_rejects_malformed_and_malicious_pickles(tmp_path):
     fake_cifar(tmp_path)
     write_batch(tmp_path / "data_batch_2", np.zeros((2, 3, 16, 16), dtype=np.uint8), [0, 1])
     with pytest.raises(ValueError, match="data_batch_2.*3072"):
-        data.load_cifar10(tmp_path)
+        datasets.load_cifar10(tmp_path)
 
     fake_cifar(tmp_path)
 
@@ -174,7 +174,7 @@ def test_cifar10_rejects_malformed_and_malicious_pickles(tmp_path):
     with open(tmp_path / "test_batch", "wb") as f:
         pickle.dump({b"data": Evil(), b"labels": []}, f)
     with pytest.raises(ValueError, match="refusing to load"):
-        data.load_cifar10(tmp_path)
+        datasets.load_cifar10(tmp_path)
 
 
 # -- augmentation --------------------------------------------------------------------------

@@ -27,12 +27,7 @@ MU = 5e-3
 SEED = 7  # torch seed of the unperturbed forward and of every naive forward (dropout masks)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _batch(shape, classes=10, seed=0):

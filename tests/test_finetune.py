@@ -15,7 +15,7 @@ from applications.finetuning.model import (  # noqa: E402
     peft_available,
     trainable_model,
 )
-from zoopt import data as zdata  # noqa: E402
+from zoopt import datasets as zdata  # noqa: E402
 
 
 def _pretrained(seed: int = 0) -> tuple[FinetuneCNN, torch.Tensor]:

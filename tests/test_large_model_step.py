@@ -27,12 +27,7 @@ from zoopt.torch.train import TrainConfig, Trainer, describe_path  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 # -- every optimizer: lazy == dense, segments == whole, pure, in place == pure ---------------

@@ -34,12 +34,7 @@ ZOOPT_DIR = str(ROOT / "zoopt")
 TIMING = {"epoch_seconds", "wall_seconds"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_task(batch_size=32):

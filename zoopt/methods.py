@@ -18,21 +18,31 @@ Methods:
   gains, for noisy objectives.
 
 Every point a method queries lies inside ``bounds`` when bounds are given.
+
+State: each method's :attr:`Iterate.state` is a value (a frozen dataclass: :class:`LBFGSState`,
+:class:`SPSAState`, :class:`FixedStepState`) with one serializer, ``to_dict()``, and one
+checked deserializer, the method's ``state_from_dict(d, dim)``. A method of your own may yield
+a plain dict instead (it is saved and handed back as it is).
+
+Limits: every method's ``run`` gets the run's :class:`Limits` (``maxiter``, ``max_queries``,
+``gtol``). The driver enforces ``maxiter`` and ``max_queries``; a method may plan with them
+(SPSA's gains) and stops itself when its gradient estimate passes ``gtol``.
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Generator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ._array import Array, like, to_numpy
 from .estimators import Estimate, QueryPlan
-from .optim import Optimizer
-from .step import ZO, update
+from .optim import Optimizer, OptState
+from .step import ZO
 
 #: float64 machine epsilon: the default for the finite-difference steps
 EPS = float(np.finfo(np.float64).eps)
@@ -49,14 +59,78 @@ class Iterate:
         fun: f(x) if the method knows it (``None`` otherwise, e.g. after a fixed step).
         estimate: the gradient estimate of this iteration (``jac`` of the result).
         lr: the step size used (learning rate, or line-search step length).
-        state: everything needed to continue exactly from here (host arrays, numbers).
+        state: everything needed to continue exactly from here: the method's state value
+            (a :class:`MethodState`, host arrays and numbers) or, for a method of your own,
+            a dict.
     """
 
     x: Array
     fun: float | None
     estimate: Estimate
     lr: float
-    state: dict[str, Any] = field(repr=False)
+    state: Any = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of one run, handed to every method's ``run``.
+
+    Attributes:
+        maxiter: iterations (``None``: no limit).
+        max_queries: queries, a cap never exceeded (``None``: no limit).
+        gtol: converged when ``max_i |ĝ_i|`` of the projected gradient estimate (the
+            coordinates at a bound the estimate pushes against count 0) is at most ``gtol``:
+            scipy L-BFGS-B's ``pgtol``. One meaning for every method, given by name or as an
+            object. ``None``: no such test.
+    """
+
+    maxiter: int | None = None
+    max_queries: int | None = None
+    gtol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.maxiter is not None:
+            _check_count_or_zero("maxiter", self.maxiter)
+        if self.max_queries is not None:
+            _check_count("max_queries", self.max_queries)
+        if self.gtol is not None:
+            _check_number("gtol", self.gtol, zero_ok=False)
+
+
+#: the limits of a run that has none (the default of every ``run``)
+NO_LIMITS = Limits()
+
+
+def _check_count_or_zero(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer or None, got {value!r}")
+
+
+@runtime_checkable
+class MethodState(Protocol):
+    """A method's state value: ``to_dict()`` gives host numbers and arrays (a checkpoint's
+    ``method`` entry); the method's ``state_from_dict`` reads it back."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class RestorableMethod(Protocol):
+    """A method that checks a saved state before resuming from it."""
+
+    def state_from_dict(self, state: Mapping[str, Any], dim: int) -> MethodState:
+        """The state value saved as ``state`` (``to_dict()``'s output); ``ValueError``
+        naming the first thing wrong."""
+        ...
+
+
+def projected_gradient_max(x: np.ndarray, g: np.ndarray, box: Box | None) -> float:
+    """``max_i |ĝ_i|`` over the coordinates free to move (:data:`Limits.gtol`'s measure)."""
+    return float(np.max(np.abs(np.where(free_coordinates(x, g, box), g, 0.0)), initial=0.0))
+
+
+def gtol_message(gtol: float) -> str:
+    return f"converged: max|projected gradient| <= gtol={gtol}"
 
 
 def _check_number(name: str, value: Any, *, zero_ok: bool) -> None:
@@ -68,7 +142,7 @@ def _check_number(name: str, value: Any, *, zero_ok: bool) -> None:
 
 
 def _check_count(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -179,21 +253,44 @@ def _no_finish(values: Array) -> Estimate:  # pragma: no cover - drivers never c
     raise RuntimeError("this plan's values go back to its method, not through finish()")
 
 
-def fd_gradient_points(
+def fd_gradient_plan(
+    x: np.ndarray,
+    plus: np.ndarray,
+    minus: np.ndarray,
+    central: bool,
+    box: Box | None,
+    like_x: Array,
+    coords: np.ndarray | None = None,
+) -> QueryPlan:
+    """The finite-difference points of :func:`fd_gradient_points` as a lazy plan: rows
+    ``a:b`` are built when asked for (the driver asks in chunks under ``max_batch_bytes``),
+    so the memory is O(chunk · d), never d × d. Row ``j < m`` is ``x + plus_c e_c`` for the
+    ``j``-th coordinate ``c`` of ``coords`` (default: all d, in order); with ``central`` row
+    ``m + j`` is ``x + minus_c e_c``. Values equal the dense points' bit for bit."""
+    idx = np.arange(x.shape[0]) if coords is None else np.asarray(coords, dtype=np.int64)
+    cols_all = np.concatenate([idx, idx]) if central else idx
+    steps = np.concatenate([plus[idx], minus[idx]]) if central else plus[idx]
+
+    base = x + 0.0  # as x + 0 in every untouched entry (-0.0 becomes 0.0), bit for bit
+
+    def points(a: int, b: int) -> Array:
+        cols = cols_all[a:b]
+        P = np.empty((b - a, x.shape[0]))
+        P[...] = base  # one pass per chunk
+        P[np.arange(b - a), cols] = x[cols] + steps[a:b]
+        if box is not None:
+            P = box.project(P)  # no-op but for rounding at the bounds
+        return like(P, like_x)
+
+    return QueryPlan(
+        x=like(x, like_x), n=int(steps.shape[0]), points=points, finish=_no_finish, kind="gradient"
+    )
+
+
+def fd_gradient_steps(
     x: np.ndarray, central: bool, box: Box | None, eps: float = EPS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The points of a finite-difference gradient at ``x`` (host float64, shape ``(d,)``).
-
-    Steps are relative, as in scipy's ``approx_derivative``: ``h_i = r · max(1, |x_i|)`` with
-    ``r = sqrt(eps)`` (forward, error ~1e-8) or ``eps^(1/3)`` (central, error ~1e-11 on
-    smooth functions). With bounds, a coordinate whose step would leave the box is
-    differenced one-sided towards the inside, so no point leaves the box. ``eps`` is the
-    machine epsilon of the points' dtype (float32 points need larger steps).
-
-    Returns ``(points, plus, minus)``: ``points`` ``(n, d)``; ``plus[i]``/``minus[i]`` are
-    the signed steps of coordinate ``i``'s two points (``minus[i] == 0`` for a one-sided
-    difference against f(x)). Forward: ``n = d``; central: ``n = 2d``.
-    """
+) -> tuple[np.ndarray, np.ndarray]:
+    """The signed steps ``(plus, minus)`` of :func:`fd_gradient_points` (O(d) memory)."""
     d = x.shape[0]
     r = eps ** (1 / 3) if central else eps**0.5  # eps: of the queried points' dtype
     h = r * np.maximum(1.0, np.abs(x))
@@ -210,13 +307,28 @@ def fd_gradient_points(
             plus = np.where(room > 0, plus, _inside_step(x, box))
         else:
             plus = np.where(up_ok, h, np.where(down_ok, -h, _inside_step(x, box)))
-    rows = [x[None, :] + np.diag(plus)]
-    if central:
-        rows.append(x[None, :] + np.diag(minus))
-    points = np.concatenate(rows) if central else rows[0]
-    if box is not None:
-        points = box.project(points)  # no-op but for rounding at the bounds
-    return points, plus, minus
+    return plus, minus
+
+
+def fd_gradient_points(
+    x: np.ndarray, central: bool, box: Box | None, eps: float = EPS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The points of a finite-difference gradient at ``x`` (host float64, shape ``(d,)``).
+
+    Steps are relative, as in scipy's ``approx_derivative``: ``h_i = r · max(1, |x_i|)`` with
+    ``r = sqrt(eps)`` (forward, error ~1e-8) or ``eps^(1/3)`` (central, error ~1e-11 on
+    smooth functions). With bounds, a coordinate whose step would leave the box is
+    differenced one-sided towards the inside, so no point leaves the box. ``eps`` is the
+    machine epsilon of the points' dtype (float32 points need larger steps).
+
+    Returns ``(points, plus, minus)``: ``points`` ``(n, d)``; ``plus[i]``/``minus[i]`` are
+    the signed steps of coordinate ``i``'s two points (``minus[i] == 0`` for a one-sided
+    difference against f(x)). Forward: ``n = d``; central: ``n = 2d``. Dense: ``(n, d)``
+    memory (L-BFGS uses the lazy :func:`fd_gradient_plan` of the same points).
+    """
+    plus, minus = fd_gradient_steps(x, central, box, eps)
+    plan = fd_gradient_plan(x, plus, minus, central, box, x)
+    return plan.all_points(), plus, minus
 
 
 def _inside_step(x: np.ndarray, box: Box) -> np.ndarray:
@@ -298,9 +410,15 @@ class LBFGS:
     ftol: float = 0.0
     restarts: bool = False
     restart_scale: float = 0.1
+    noise: float = 0.0
+    max_resamples: int = 8
 
     def __post_init__(self) -> None:
         _check_count("memory", self.memory)
+        _check_number("noise", self.noise, zero_ok=True)
+        _check_count("max_resamples", self.max_resamples)
+        if self.noise and self.estimator is not None:
+            raise ValueError("noise= sizes LBFGS's own finite differences; not with an estimator")
         if not 0 < self.c1 < 0.5:
             raise ValueError(f"c1 must be in (0, 0.5), got {self.c1!r}")
         if self.max_line_search < 1:
@@ -316,9 +434,11 @@ class LBFGS:
         *,
         rng: np.random.Generator,
         box: Box | None = None,
-        state: dict[str, Any] | None = None,
+        state: LBFGSState | None = None,
+        limits: Limits = NO_LIMITS,
     ) -> Run:
         """The coroutine (see the module docstring); ``state``: an :attr:`Iterate.state`."""
+        gtol = self.gtol if limits.gtol is None else limits.gtol
         like_x = x0
         d = int(x0.shape[0])
         if state is None:
@@ -330,7 +450,7 @@ class LBFGS:
             if not math.isfinite(fx):
                 return "f(x0) is not finite"
             stalls = 0
-            central = False
+            central = bool(self.noise)  # noisy values: central differences from the start
             g = yield from self._gradient(x, fx, central, box, like_x, rng)
             if g is None:
                 return "the gradient estimate at x0 is not finite"
@@ -339,30 +459,34 @@ class LBFGS:
             restart_sigma, best = self.restart_scale, fx
             f0, xscale0 = fx, float(np.max(np.abs(x), initial=0.0))
         else:
-            x = np.array(state["x"], dtype=np.float64)
-            fx, g = float(state["fx"]), np.array(state["g"], dtype=np.float64)
-            central = bool(state["central"])
-            S = [np.array(s, dtype=np.float64) for s in state["S"]]
-            Y = [np.array(y, dtype=np.float64) for y in state["Y"]]
-            restart_sigma, best = float(state["restart_sigma"]), float(state["best"])
-            stalls = int(state.get("stalls", 0))
-            f0, xscale0 = float(state["f0"]), float(state["xscale0"])
-            if state.get("stop"):  # it had converged at that iteration
-                return str(state["stop"])
+            x, fx, g, central = state.x, state.fx, state.g, state.central
+            S, Y = list(state.S), list(state.Y)
+            restart_sigma, best, stalls = state.restart_sigma, state.best, state.stalls
+            f0, xscale0 = state.f0, state.xscale0
+            if state.stop:  # it had converged at that iteration
+                return state.stop
         if g.shape != (d,):  # pragma: no cover - guarded by the driver
             raise ValueError(f"state gradient has shape {g.shape}, expected ({d},)")
 
         while True:
-            free = _free(x, g, box)
+            free = free_coordinates(x, g, box)
             pg = np.where(free, g, 0.0)
-            if self.gtol and np.max(np.abs(pg), initial=0.0) <= self.gtol:
-                return f"converged: max|projected gradient| <= gtol={self.gtol}"
+            if gtol and np.max(np.abs(pg), initial=0.0) <= gtol:
+                return gtol_message(gtol)
             if not central and np.max(np.abs(pg), initial=0.0) < 1e-6 * max(1.0, abs(fx)):
                 central = True  # forward differences' error is about to dominate
                 g = yield from self._gradient(x, fx, central, box, like_x, rng)
                 if g is None:
                     return "the gradient estimate is not finite"
                 continue
+            if central and self.estimator is None and not self.restarts:
+                eps = self._value_eps(like_x)
+                if self.noise and below_noise(x, pg, self.noise, eps, self.max_resamples):
+                    return (
+                        f"converged: the gradient estimate is below the noise (noise={self.noise})"
+                    )
+                if not self.noise and at_noise_level(x, fx, pg, eps):
+                    return NOISE_LEVEL_MESSAGE
             p = -_two_loop(pg, S, Y)
             p = np.where(free, p, 0.0)
             if not np.dot(p, pg) < 0:  # not a descent direction: forget the curvature
@@ -430,23 +554,27 @@ class LBFGS:
                 fun=fx,
                 estimate=Estimate(grad=like(g, like_x), fx=fx, queries=0),
                 lr=alpha,
-                state={
-                    "x": x.copy(),
-                    "fx": fx,
-                    "g": g.copy(),
-                    "central": central,
-                    "S": [a.copy() for a in S],
-                    "Y": [a.copy() for a in Y],
-                    "restart_sigma": restart_sigma,
-                    "best": best,
-                    "stop": stop,
-                    "stalls": stalls,
-                    "f0": f0,
-                    "xscale0": xscale0,
-                },
+                state=LBFGSState(
+                    x=x,
+                    fx=fx,
+                    g=g,
+                    central=central,
+                    S=tuple(S),
+                    Y=tuple(Y),
+                    restart_sigma=restart_sigma,
+                    best=best,
+                    stop=stop,
+                    stalls=stalls,
+                    f0=f0,
+                    xscale0=xscale0,
+                ),
             )
             if stop:
                 return stop
+
+    def state_from_dict(self, state: Mapping[str, Any], dim: int) -> LBFGSState:
+        """The :class:`LBFGSState` saved as ``state`` (checked whole first)."""
+        return state_from_dict(LBFGSState, state, dim)
 
     # -- pieces ----------------------------------------------------------------------
     @staticmethod
@@ -472,14 +600,47 @@ class LBFGS:
             g = to_numpy(plan.finish(values).grad).astype(np.float64)
         else:
             eps = self._value_eps(like_x)
-            points, plus, minus = fd_gradient_points(x, central, box, eps)
+            # noisy values: steps sized as if rounding were the noise (see `noise`)
+            plus, minus = fd_gradient_steps(x, central, box, max(eps, self.noise))
+            plan = fd_gradient_plan(x, plus, minus, central, box, like_x)
+            values = yield plan
+            values = to_numpy(values).astype(np.float64)
+            if self.noise and central:
+                values = yield from self._resampled(x, plus, minus, box, like_x, values)
             # the steps as they will be represented in the queried points' dtype
             plus = to_numpy(like(x + plus, like_x)).astype(np.float64) - x
             if central:
                 minus = to_numpy(like(x + minus, like_x)).astype(np.float64) - x
-            values = yield points_plan(points, like_x, kind="gradient")
-            g = fd_gradient(to_numpy(values).astype(np.float64), fx, plus, minus, central)
+            g = fd_gradient(values, fx, plus, minus, central)
         return g if np.all(np.isfinite(g)) else None
+
+    def _resampled(
+        self,
+        x: np.ndarray,
+        plus: np.ndarray,
+        minus: np.ndarray,
+        box: Box | None,
+        like_x: Array,
+        values: np.ndarray,
+    ) -> Generator[QueryPlan, Any, np.ndarray]:
+        """Central-difference values ``(2d,)`` averaged over resamples: a coordinate whose
+        difference is below the noise (``|f₊ − f₋| < 2·noise·√(2/k)`` after ``k`` samples)
+        is queried again at both points, up to ``max_resamples`` samples."""
+        d = x.shape[0]
+        sums_p, sums_m = values[:d].copy(), values[d:].copy()
+        k = np.ones(d)
+        two_sided = minus != 0
+        for _ in range(self.max_resamples - 1):
+            diff = np.abs(sums_p - sums_m) / k
+            below = np.flatnonzero(two_sided & (diff < 2 * self.noise * np.sqrt(2 / k)))
+            if below.size == 0:
+                break
+            plan = fd_gradient_plan(x, plus, minus, True, box, like_x, coords=below)
+            again = to_numpy((yield plan)).astype(np.float64)
+            sums_p[below] += again[: below.size]
+            sums_m[below] += again[below.size :]
+            k[below] += 1
+        return np.concatenate([sums_p / k, sums_m / k])
 
     def _line_search(
         self,
@@ -584,7 +745,34 @@ def _runaway(x: np.ndarray, fx: float, f0: float, xscale0: float) -> str | None:
     return None
 
 
-def _free(x: np.ndarray, g: np.ndarray, box: Box | None) -> np.ndarray:
+#: how many times the rounding error of a central difference a gradient component may be and
+#: still count as noise (see :func:`at_noise_level`)
+NOISE_FACTOR = 4.0
+NOISE_LEVEL_MESSAGE = (
+    "converged: the gradient estimate is at the noise level of the finite differences"
+)
+
+
+def at_noise_level(x: np.ndarray, fx: float, pg: np.ndarray, eps: float) -> bool:
+    """Whether every component of the projected central-difference gradient ``pg`` at ``x``
+    is at the rounding noise of its difference: ``|ĝ_i| · h_i <= NOISE_FACTOR · eps · |f|``
+    with ``h_i = eps^(1/3) · max(1, |x_i|)`` the central step (two values, each rounded to
+    ``eps·|f|``, differenced over ``2h_i``). There the estimate says nothing more about
+    the gradient, and a line search along it can only gain rounding. ``f = 0`` exactly
+    never counts (no rounding to hide in)."""
+    h = eps ** (1 / 3) * np.maximum(1.0, np.abs(x))
+    return bool(np.all(np.abs(pg) * h <= NOISE_FACTOR * eps * abs(fx))) and fx != 0
+
+
+def below_noise(x: np.ndarray, pg: np.ndarray, noise: float, eps: float, samples: int) -> bool:
+    """Whether every projected central difference ``2h_i·ĝ_i`` is below what ``samples``
+    resampled values with noise ``noise`` (standard deviation) can resolve:
+    ``2·noise·√(2/samples)``, with ``h_i = max(eps, noise)^(1/3) · max(1, |x_i|)``."""
+    h = max(eps, noise) ** (1 / 3) * np.maximum(1.0, np.abs(x))
+    return bool(np.all(np.abs(pg) * 2 * h < 2 * noise * np.sqrt(2 / samples)))
+
+
+def free_coordinates(x: np.ndarray, g: np.ndarray, box: Box | None) -> np.ndarray:
     """Coordinates free to move: not at a bound that the gradient pushes against."""
     if box is None:
         return np.ones(x.shape[0], dtype=bool)
@@ -624,12 +812,25 @@ def projected(plan: QueryPlan, box: Box, like_x: Array) -> QueryPlan:
     return QueryPlan(x=plan.x, n=plan.n, points=points, finish=plan.finish, kind=plan.kind)
 
 
+@dataclass(frozen=True)
+class FixedStepState:
+    """:class:`FixedStep`'s state: iterations done and its optimizer's :class:`OptState`."""
+
+    nit: int = field(metadata={"kind": "count"})
+    optimizer: OptState = field(metadata={"kind": "optimizer"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return state_to_dict(self)
+
+
 @dataclass
 class FixedStep:
-    """``x ← optimizer.step(x, ĝ)`` with ``ĝ`` from a gradient source (:class:`~zoopt.step.ZO`).
+    """``x ← optimizer.update(x, ĝ)`` with ``ĝ`` from a gradient source (:class:`~zoopt.step.ZO`).
 
     One plan per iteration (the source's queries); the new iterate is projected onto the box.
-    A non-finite value ends the run (the step it would give is meaningless).
+    A non-finite value ends the run (the step it would give is meaningless). The optimizer's
+    state travels in :class:`FixedStepState` (starting from ``optimizer.init()``): the
+    optimizer object itself is only the rule and is never written to.
     """
 
     source: ZO
@@ -641,12 +842,15 @@ class FixedStep:
         *,
         rng: np.random.Generator,
         box: Box | None = None,
-        state: dict[str, Any] | None = None,
+        state: FixedStepState | None = None,
+        limits: Limits = NO_LIMITS,
     ) -> Run:
         x = x0
         if box is not None:
             x = like(box.project(to_numpy(x).astype(np.float64)), x0)
-        t = 0 if state is None else int(state["nit"])
+        if state is None:
+            state = FixedStepState(0, self.optimizer.init())
+        t, opt_state = state.nit, state.optimizer
         while True:
             plan = self.source.plan(x, rng=rng, iteration=t)
             if box is not None:
@@ -655,17 +859,39 @@ class FixedStep:
             if not np.all(np.isfinite(to_numpy(values))):
                 return "a queried value was non-finite; stopped"
             est = plan.finish(values)
-            lr = self.optimizer.current_lr()
-            x = update(self.optimizer, x, est)
+            lr = self.optimizer.lr_at(opt_state.t)
+            x, opt_state = self.optimizer.update(opt_state, x, est.gradient)
             if box is not None:
                 x = like(box.project(to_numpy(x).astype(np.float64)), x0)
             t += 1
-            yield Iterate(x=x, fun=None, estimate=est, lr=lr, state={"nit": t})
+            yield Iterate(x=x, fun=None, estimate=est, lr=lr, state=FixedStepState(t, opt_state))
+
+    def state_from_dict(self, state: Mapping[str, Any], dim: int) -> FixedStepState:
+        """The :class:`FixedStepState` saved as ``state`` (checked whole first)."""
+        return state_from_dict(FixedStepState, state, dim, optimizer=self.optimizer.state_from_dict)
 
 
 # ---------------------------------------------------------------------------------------
 # SPSA: noisy objectives
 # ---------------------------------------------------------------------------------------
+#: SPSA's iterations when a run has neither ``maxiter`` nor ``max_queries`` (its own default,
+#: documented with ``minimize``; the stability constant is then ``A = 100``)
+SPSA_DEFAULT_MAXITER = 1000
+
+
+@dataclass(frozen=True)
+class SPSAState:
+    """:class:`SPSA`'s state: iterations done, the gain ``a`` (``None`` before the first
+    estimate) and the iterate."""
+
+    nit: int = field(metadata={"kind": "count"})
+    a: float | None = field(metadata={"kind": "float_or_none"})
+    x: np.ndarray = field(metadata={"kind": "vector"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return state_to_dict(self)
+
+
 @dataclass(frozen=True)
 class SPSA:
     """Simultaneous-perturbation stochastic approximation (Spall 1998), for noisy f.
@@ -673,14 +899,17 @@ class SPSA:
     Per iteration ``k``: ``q`` Rademacher directions ``Δ``, values ``f(x ± c_k Δ)``
     (``2q`` queries), ``ĝ = mean[(f₊ − f₋) / (2 c_k)] Δ``, ``x ← x − a_k ĝ``, with Spall's
     gains ``a_k = a / (k + 1 + A)^0.602`` and ``c_k = c / (k + 1)^0.101``: the decay that
-    averages noise out. ``A = 0.1 · maxiter`` (10 when unknown); ``a`` is set from the first
-    estimate so that the first step moves each coordinate by about ``step0`` on average.
+    averages noise out. ``A = 0.1 · N`` with ``N`` the iterations the run's limits allow:
+    ``maxiter``, else ``max_queries // (2q)``, else :data:`SPSA_DEFAULT_MAXITER` (Spall's
+    rule; ``run`` sees the :class:`Limits`). ``a`` is set from the first estimate so that the
+    first step moves each coordinate by about ``step0`` on average; no step moves a
+    coordinate by more than ``10·step0`` (step blocking: keeps an overshoot from diverging).
 
     Args:
         c: initial perturbation size (about the noise's standard deviation in x units; 0.1).
         step0: target size of the first step per coordinate (0.1).
         q: perturbations averaged per iteration.
-        A: stability constant (``None``: 10).
+        A: stability constant (``None``: ``0.1 · N`` as above).
     """
 
     c: float = 0.1
@@ -692,6 +921,16 @@ class SPSA:
         for name in ("c", "step0"):
             _check_number(name, getattr(self, name), zero_ok=False)
         _check_count("q", self.q)
+        if self.A is not None:
+            _check_number("A", self.A, zero_ok=True)
+
+    def horizon(self, limits: Limits) -> int:
+        """The iterations ``limits`` allow (what ``A = 0.1 · N`` is computed from)."""
+        if limits.maxiter is not None:
+            return int(limits.maxiter)
+        if limits.max_queries is not None:
+            return max(1, int(limits.max_queries) // (2 * self.q))
+        return SPSA_DEFAULT_MAXITER
 
     def run(
         self,
@@ -699,16 +938,17 @@ class SPSA:
         *,
         rng: np.random.Generator,
         box: Box | None = None,
-        state: dict[str, Any] | None = None,
+        state: SPSAState | None = None,
+        limits: Limits = NO_LIMITS,
     ) -> Run:
         like_x = x0
         x = to_numpy(x0).astype(np.float64)
         if box is not None:
             x = box.project(x)
-        A = 10.0 if self.A is None else float(self.A)
-        k, a = (0, None) if state is None else (int(state["nit"]), state["a"])
+        A = 0.1 * self.horizon(limits) if self.A is None else float(self.A)
+        k, a = (0, None) if state is None else (state.nit, state.a)
         if state is not None:
-            x = np.array(state["x"], dtype=np.float64)
+            x = np.array(state.x, dtype=np.float64)
         d = x.shape[0]
         while True:
             ck = self.c / (k + 1) ** 0.101
@@ -727,7 +967,9 @@ class SPSA:
                 first = float(np.mean(np.abs(g)))
                 a = self.step0 * (A + 1) ** 0.602 / first if first > 0 else self.step0
             ak = a / (k + 1 + A) ** 0.602
-            x = x - ak * g
+            # a coordinate moves at most 10·step0 per iteration (Spall's step blocking):
+            # a gain set from an unluckily small first estimate overshoots, not diverges
+            x = x - np.clip(ak * g, -10 * self.step0, 10 * self.step0)
             if box is not None:
                 x = box.project(x)
             k += 1
@@ -736,79 +978,161 @@ class SPSA:
                 fun=None,
                 estimate=Estimate(grad=like(g, like_x), fx=None, queries=2 * self.q),
                 lr=ak,
-                state={"nit": k, "a": a, "x": x.copy()},
+                state=SPSAState(nit=k, a=a, x=x),
             )
 
+    def state_from_dict(self, state: Mapping[str, Any], dim: int) -> SPSAState:
+        """The :class:`SPSAState` saved as ``state`` (checked whole first)."""
+        return state_from_dict(SPSAState, state, dim)
+
+
+def default_maxiter(method: Any) -> int | None:
+    """The iterations a run of ``method`` gets when neither ``maxiter`` nor ``max_queries``
+    is given: fixed steps :data:`FIXED_STEP_DEFAULT_MAXITER`, SPSA
+    :data:`SPSA_DEFAULT_MAXITER` (neither ever converges by itself), L-BFGS and methods of
+    your own ``None`` (they run until they return)."""
+    if isinstance(method, FixedStep):
+        return FIXED_STEP_DEFAULT_MAXITER
+    if isinstance(method, SPSA):
+        return SPSA_DEFAULT_MAXITER
+    return None
+
+
+#: fixed-step methods run this many iterations when neither maxiter nor max_queries is given
+FIXED_STEP_DEFAULT_MAXITER = 1000
+
 
 # ---------------------------------------------------------------------------------------
-# Saved method states (AskTell.load_state_dict checks one whole before using it)
+# State values: one serializer (to_dict) and one checked deserializer per state class
 # ---------------------------------------------------------------------------------------
-_LBFGS_STATE = {
-    "x", "fx", "g", "central", "S", "Y", "restart_sigma", "best", "stop", "stalls", "f0", "xscale0"
-}  # fmt: skip
-_SPSA_STATE = {"nit", "a", "x"}
-_FIXED_STATE = {"nit"}
+@dataclass(frozen=True)
+class LBFGSState:
+    """:class:`LBFGS`'s state as of a finished iteration (host float64 arrays): the iterate,
+    f and the gradient estimate there, the difference scheme, the memory ``S``/``Y``, the
+    restart scale, the best value, why it stopped (``None`` while running), the stall count,
+    and f(x0), max|x0| for the runaway guard."""
+
+    x: np.ndarray = field(metadata={"kind": "vector"})
+    fx: float = field(metadata={"kind": "float"})
+    g: np.ndarray = field(metadata={"kind": "vector"})
+    central: bool = field(metadata={"kind": "bool"})
+    S: tuple[np.ndarray, ...] = field(metadata={"kind": "vectors"})
+    Y: tuple[np.ndarray, ...] = field(metadata={"kind": "vectors"})
+    restart_sigma: float = field(metadata={"kind": "float"})
+    best: float = field(metadata={"kind": "float"})
+    stop: str | None = field(metadata={"kind": "str_or_none"})
+    stalls: int = field(metadata={"kind": "count"})
+    f0: float = field(metadata={"kind": "float"})
+    xscale0: float = field(metadata={"kind": "float"})
+
+    def to_dict(self) -> dict[str, Any]:
+        return state_to_dict(self)
+
+    def __post_init__(self) -> None:
+        if len(self.S) != len(self.Y):
+            raise ValueError("state method S and Y must be lists of the same length")
 
 
-def check_method_state(method: Any, state: Any, dim: int) -> None:
-    """Raise ``ValueError`` naming the first thing in ``state`` (an :attr:`Iterate.state`
-    or ``None``) that ``method`` could not resume from. A method object of your own is
-    trusted with any dict."""
-    if state is None:
-        return
+def state_to_dict(state: Any) -> dict[str, Any]:
+    """Host copies of a state value's fields, by the kind each field declares (arrays
+    copied, tuples of arrays as lists, nested state values by their own ``to_dict``): the
+    one serializer of every state class here."""
+    out: dict[str, Any] = {}
+    for f in fields(state):
+        value = getattr(state, f.name)
+        if f.metadata["kind"] == "vector":
+            value = np.array(value, dtype=np.float64, copy=True)
+        elif f.metadata["kind"] == "vectors":
+            value = [np.array(v, dtype=np.float64, copy=True) for v in value]
+        elif isinstance(value, MethodState):
+            value = value.to_dict()
+        out[f.name] = value
+    return out
+
+
+def state_from_dict(cls: type, state: Any, dim: int, **readers: Callable[[Any, int], Any]) -> Any:
+    """The ``cls`` state value saved as ``state`` by its ``to_dict``; every field checked
+    by the kind its declaration names, before anything is built. A kind of field that
+    holds another state (a fixed step's ``optimizer``, a restart's ``local`` run) is read
+    by ``readers[kind](value, dim)``. ``ValueError`` naming the first bad field
+    (``state method <field> ...``)."""
     if not isinstance(state, Mapping):
         raise ValueError(f"state method must be a dict or None, got {state!r}")
-    expected = {LBFGS: _LBFGS_STATE, SPSA: _SPSA_STATE, FixedStep: _FIXED_STATE}.get(type(method))
-    if expected is None:
-        return
-    name = type(method).__name__
-    if set(state) != expected:
+    declared = {f.name: f.metadata["kind"] for f in fields(cls)}
+    name = cls.__name__.removesuffix("State")
+    if set(state) != set(declared):
         raise ValueError(
-            f"state method is not a {name} state: expected keys {sorted(expected)}, got "
+            f"state method is not a {name} state: expected keys {sorted(declared)}, got "
             f"{sorted(map(str, state))}"
         )
-    if isinstance(method, LBFGS):
-        _state_vector("x", state["x"], dim)
-        _state_vector("g", state["g"], dim)
-        for key in ("fx", "best", "restart_sigma", "f0", "xscale0"):
-            _state_float(key, state[key])
-        if not isinstance(state["central"], bool | np.bool_):
-            raise ValueError(f"state method central must be a bool, got {state['central']!r}")
-        if state["stop"] is not None and not isinstance(state["stop"], str):
-            raise ValueError(f"state method stop must be a str or None, got {state['stop']!r}")
-        _state_count("stalls", state["stalls"])
-        S, Y = state["S"], state["Y"]
-        if not isinstance(S, list | tuple) or not isinstance(Y, list | tuple) or len(S) != len(Y):
-            raise ValueError("state method S and Y must be lists of the same length")
-        for key, pairs in (("S", S), ("Y", Y)):
-            for i, v in enumerate(pairs):
-                _state_vector(f"{key}[{i}]", v, dim)
-    elif isinstance(method, SPSA):
-        _state_count("nit", state["nit"])
-        _state_vector("x", state["x"], dim)
-        if state["a"] is not None:
-            _state_float("a", state["a"])
-    else:
-        _state_count("nit", state["nit"])
+    values = {
+        key: _field_value(key, kind, state[key], dim, readers) for key, kind in declared.items()
+    }
+    return cls(**values)
 
 
-def _state_vector(name: str, value: Any, dim: int) -> None:
+def _field_value(
+    key: str, kind: str, value: Any, dim: int, readers: Mapping[str, Callable[[Any, int], Any]]
+) -> Any:
+    if kind == "vector":
+        return _state_vector(key, value, dim)
+    if kind == "vectors":
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"state method {key} must be a list of arrays, got {value!r}")
+        return tuple(_state_vector(f"{key}[{i}]", v, dim) for i, v in enumerate(value))
+    if kind == "float":
+        return _state_float(key, value)
+    if kind == "float_or_none":
+        return None if value is None else _state_float(key, value)
+    if kind == "count":
+        _state_count(key, value)
+        return int(value)
+    if kind == "bool":
+        if not isinstance(value, bool | np.bool_):
+            raise ValueError(f"state method {key} must be a bool, got {value!r}")
+        return bool(value)
+    if kind == "str_or_none":
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"state method {key} must be a str or None, got {value!r}")
+        return value
+    if kind in readers:
+        return readers[kind](value, dim)
+    raise AssertionError(f"unknown state field kind {kind!r}")  # pragma: no cover
+
+
+def restore_method_state(method: Any, state: Any, dim: int) -> Any:
+    """The state value ``method`` resumes from, read from a saved ``state`` (``None``, or a
+    ``to_dict()`` output): checked whole by the method's ``state_from_dict`` (``ValueError``
+    naming the first bad thing). A method of your own without ``state_from_dict`` is
+    trusted with any dict (handed back as a copy)."""
+    if state is None:
+        return None
+    if isinstance(method, RestorableMethod):
+        return method.state_from_dict(state, dim)
+    if not isinstance(state, Mapping):
+        raise ValueError(f"state method must be a dict or None, got {state!r}")
+    return copy.deepcopy(dict(state))
+
+
+def _state_vector(name: str, value: Any, dim: int) -> np.ndarray:
     try:
-        arr = np.asarray(value, dtype=np.float64)
+        arr = np.array(value, dtype=np.float64, copy=True)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"state method {name} is not an array of numbers: {exc}") from exc
     if arr.shape != (dim,):
         raise ValueError(f"state method {name} has shape {arr.shape}, expected ({dim},)")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"state method {name} holds a non-finite value")
+    return arr
 
 
-def _state_float(name: str, value: Any) -> None:
+def _state_float(name: str, value: Any) -> float:
     ok = isinstance(value, int | float | np.floating | np.integer) and not isinstance(
         value, bool | np.bool_
     )
     if not (ok and math.isfinite(float(value))):
         raise ValueError(f"state method {name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 def _state_count(name: str, value: Any) -> None:

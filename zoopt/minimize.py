@@ -23,25 +23,50 @@ a method object    :class:`~zoopt.methods.LBFGS`, :class:`~zoopt.methods.SPSA`,
 
 ``method=None`` picks ``"lbfgs"`` unless a fixed-step argument is given (``optimizer``,
 ``lr``, ``mu`` or ``coords``): then the fixed step with that optimizer (SGD by default).
+Optimizer names are :data:`zoopt.registry.OPTIMIZERS`' (a registered one works too).
+
+A converged run stops and reports ``success=True`` (``max_queries`` is a cap); L-BFGS's
+global phase (``restarts=``, :mod:`zoopt.restarts`) spends a large budget on IPOP-CMA-ES
+restarts; ``noise=`` resamples finite differences below the noise of a stochastic ``fun``.
+Every method gets the run's :class:`~zoopt.methods.Limits`; the queries are counted by the
+oracle's one :class:`~zoopt.oracle.Budget`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from . import registry
 from ._array import Array, as_float_vector, copy_of, like, to_numpy
 from .estimators import RGE, Estimate, Estimator, QueryPlan
-from .methods import LBFGS, SPSA, Box, FixedStep, Iterate, Run, as_box, check_method_state
-from .optim import SGD, Adam, Optimizer, SignSGD
+from .executors import QueryExecutor, WorkersSpec, as_executor
+from .methods import (
+    FIXED_STEP_DEFAULT_MAXITER,
+    LBFGS,
+    SPSA,
+    Box,
+    FixedStep,
+    Iterate,
+    Limits,
+    MethodState,
+    Run,
+    as_box,
+    default_maxiter,
+    gtol_message,
+    projected_gradient_max,
+    restore_method_state,
+)
+from .optim import Optimizer
 from .oracle import BaseOracle, BudgetExceeded, FunctionOracle, OracleError
+from .restarts import IPOPRestarts, restarts_for
 from .schedules import Schedule
 from .step import ZO
 
@@ -52,16 +77,26 @@ STATUS_FAILED = 2  # the oracle raised, or a method could not go on (non-finite 
 STATUS_INTERRUPTED = 3  # KeyboardInterrupt
 STATUS_CALLBACK = 99  # the callback returned True or raised StopIteration (scipy's code)
 
-#: fixed-step methods run this many iterations when neither maxiter nor max_queries is given
-FIXED_STEP_DEFAULT_MAXITER = 1000
-
-_OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "signsgd": SignSGD}
+__all__ = [
+    "FIXED_STEP_DEFAULT_MAXITER",
+    "STATUS_CALLBACK",
+    "STATUS_CONVERGED",
+    "STATUS_FAILED",
+    "STATUS_INTERRUPTED",
+    "STATUS_LIMIT",
+    "AskTell",
+    "Method",
+    "OptimizeResult",
+    "make_method",
+    "minimize",
+]
 
 
 @runtime_checkable
 class Method(Protocol):
     """What :class:`AskTell` drives: a coroutine of query plans and iterations
-    (see :mod:`zoopt.methods`)."""
+    (see :mod:`zoopt.methods`). ``state``: ``None`` or what an earlier :attr:`Iterate.state`
+    was; ``limits``: the run's :class:`~zoopt.methods.Limits`."""
 
     def run(
         self,
@@ -69,8 +104,13 @@ class Method(Protocol):
         *,
         rng: np.random.Generator,
         box: Box | None = None,
-        state: dict[str, Any] | None = None,
+        state: Any = None,
+        limits: Limits = ...,
     ) -> Run: ...
+
+
+def _optimizer_names() -> list[str]:
+    return list(registry.OPTIMIZERS)
 
 
 class OptimizeResult(dict):
@@ -119,15 +159,20 @@ def make_method(
     mu: Schedule | None = None,
     coords: Callable[[int], Any] | None = None,
     tol: float | None = None,
-    gtol: float | None = None,
     options: Mapping[str, Any] | None = None,
-    restarts: bool = False,
+    restarts: bool | int | str = False,
+    max_queries: int | None = None,
+    noise: float | None = None,
 ) -> Method:
     """The method ``minimize``/``AskTell`` run for these arguments (see the module table).
 
     ``tol`` sets L-BFGS's ``gtol`` and ``ftol`` (as scipy's L-BFGS-B); ``options`` go to the
-    method's constructor (``LBFGS``, ``SPSA``) or the optimizer's (``sgd``, ``adam``,
-    ``signsgd``). Raises ``ValueError`` naming an argument the method does not take.
+    method's constructor (``LBFGS``, ``SPSA``) or the optimizer's (any name of
+    :data:`zoopt.registry.OPTIMIZERS`). ``gtol`` is not a method setting but a
+    :class:`~zoopt.methods.Limits` entry (one meaning for every method). ``restarts``:
+    IPOP-CMA-ES restarts after L-BFGS converges (:func:`zoopt.restarts.restarts_for`;
+    ``"auto"`` reads ``max_queries`` and applies to L-BFGS chosen by name only).
+    Raises ``ValueError`` naming an argument the method does not take.
     """
     if estimator is not None and not isinstance(estimator, Estimator):
         raise TypeError(f"estimator must be a zoopt estimator (RGE, CGE), got {estimator!r}")
@@ -145,18 +190,34 @@ def make_method(
         "coords": coords,
     }
     given_fixed = [k for k, v in fixed_args.items() if v is not None]
+    names = ["lbfgs", "spsa", *_optimizer_names()]
     if method is None:
         method = "sgd" if given_fixed else "lbfgs"
         if optimizer is not None:
             method = "fixed"
+    lbfgs_by_name = (method is None and not given_fixed) or (
+        isinstance(method, str) and method.lower() == "lbfgs"
+    )
+    n_restarts = restarts_for(restarts, max_queries, dim)
+    if restarts == "auto" and not lbfgs_by_name:
+        n_restarts = 0
+    if n_restarts and not lbfgs_by_name:
+        raise ValueError(
+            f"restarts={restarts!r} are L-BFGS's global phase; method={method!r} has none"
+        )
+    if noise is not None and not lbfgs_by_name:
+        raise ValueError(
+            f"noise={noise!r} is L-BFGS's resampling; method={method!r} takes none (SPSA's "
+            "decaying gains average noise out by themselves)"
+        )
     if not isinstance(method, str):
         if not isinstance(method, Method):
             raise TypeError(
-                f"method must be a name ({', '.join(['lbfgs', 'spsa', *_OPTIMIZERS])}) or an "
-                f"object with run(x0, rng=, box=, state=), got {method!r}"
+                f"method must be a name ({', '.join(names)}) or an "
+                f"object with run(x0, rng=, box=, state=, limits=), got {method!r}"
             )
         extra = given_fixed + [k for k in ("estimator",) if estimator is not None]
-        extra += [k for k, v in (("tol", tol), ("gtol", gtol)) if v is not None] + list(options)
+        extra += [k for k, v in (("tol", tol),) if v is not None] + list(options)
         if extra:
             raise ValueError(
                 f"method={method!r} is a method object: configure it directly, not with "
@@ -170,36 +231,39 @@ def make_method(
                 f"method='lbfgs' chooses its own steps and takes no {', '.join(given_fixed)} "
                 "(use method='sgd' or 'adam' for a fixed-step optimizer)"
             )
-        settings: dict[str, Any] = {"estimator": estimator, "restarts": restarts}
+        settings: dict[str, Any] = {"estimator": estimator}
+        if noise is not None:
+            settings["noise"] = noise
         if tol is not None:
             settings.update(gtol=float(tol), ftol=float(tol))
-        if gtol is not None:
-            settings["gtol"] = float(gtol)
-        return LBFGS(**(settings | _checked_options(LBFGS, options)))
+        local = LBFGS(**(settings | _checked_options(LBFGS, options)))
+        return IPOPRestarts(local, max_restarts=n_restarts) if n_restarts else local
     if name == "spsa":
         extra = given_fixed + [k for k in ("estimator",) if estimator is not None]
         if extra:
             raise ValueError(f"method='spsa' takes no {', '.join(extra)}")
         return SPSA(**_checked_options(SPSA, options))
-    if name in _OPTIMIZERS or name == "fixed":
+    if name in registry.OPTIMIZERS or name == "fixed":
         if optimizer is None:
-            cls = _OPTIMIZERS["sgd" if name == "fixed" else name]
             try:
-                optimizer = cls(lr=1e-3 if lr is None else lr, **options)
+                optimizer = registry.optimizer(
+                    "sgd" if name == "fixed" else name, 1e-3 if lr is None else lr, **options
+                )
             except TypeError as exc:
                 raise ValueError(f"bad options for method={name!r}: {exc}") from exc
         elif options:
             raise ValueError(
                 f"options={options!r} given with an optimizer: configure the optimizer"
             )
-        elif name in _OPTIMIZERS and not isinstance(optimizer, _OPTIMIZERS[name]):
+        elif (
+            name in registry.OPTIMIZERS
+            and isinstance(registry.OPTIMIZERS[name].factory, type)
+            and not isinstance(optimizer, registry.OPTIMIZERS[name].factory)
+        ):
             raise ValueError(f"method={name!r} but optimizer is {type(optimizer).__name__}")
         est = estimator if estimator is not None else _default_estimator(dim)
         return FixedStep(ZO(est, mu=mu, coords=coords), optimizer)
-    raise ValueError(
-        f"unknown method {method!r}; choose from {['lbfgs', 'spsa', *_OPTIMIZERS]} or pass a "
-        "method object"
-    )
+    raise ValueError(f"unknown method {method!r}; choose from {names} or pass a method object")
 
 
 def _checked_options(cls: type, options: dict[str, Any]) -> dict[str, Any]:
@@ -234,8 +298,14 @@ class AskTell:
         bounds: ``(low, high)`` pairs or ``scipy.optimize.Bounds``; no point asked for
             leaves them.
         seed: seed of the random directions (int, ``np.random.Generator`` or None).
-        restarts: L-BFGS restarts from the best point after converging (``minimize`` turns
-            them on when ``max_queries`` is set).
+        restarts: after L-BFGS converges, IPOP-CMA-ES restarts (:mod:`zoopt.restarts`):
+            ``True`` (9), an int (that many), ``False`` (default), or ``"auto"`` (on when
+            ``limits.max_queries >= AUTO_RESTARTS_BUDGET · d``).
+        noise: as for :func:`minimize` (L-BFGS's resampling of differences below the noise).
+        limits: the run's :class:`~zoopt.methods.Limits`, handed to the method (SPSA plans
+            its gains with ``maxiter``/``max_queries``). ``AskTell`` ends the run when
+            ``gtol`` is reached; ``maxiter`` and ``max_queries`` are your loop's to keep.
+            ``gtol=`` is a shorthand for ``limits=Limits(gtol=...)``.
     """
 
     def __init__(
@@ -253,8 +323,19 @@ class AskTell:
         tol: float | None = None,
         gtol: float | None = None,
         options: Mapping[str, Any] | None = None,
-        restarts: bool = False,
+        restarts: bool | int | str = False,
+        limits: Limits | None = None,
+        noise: float | None = None,
     ):
+        if limits is not None and not isinstance(limits, Limits):
+            raise TypeError(f"limits must be a zoopt.methods.Limits, got {limits!r}")
+        if gtol is not None:
+            if limits is not None and limits.gtol is not None and limits.gtol != gtol:
+                raise ValueError(f"gtol={gtol!r} given and limits.gtol={limits.gtol!r}")
+            limits = Limits(
+                limits.maxiter if limits else None, limits.max_queries if limits else None, gtol
+            )
+        self.limits = limits if limits is not None else Limits()
         self.x = copy_of(as_float_vector(x0))  # the caller's x0 is never written to
         self.dim = int(self.x.shape[0])
         self.box = as_box(bounds, self.dim)
@@ -269,11 +350,11 @@ class AskTell:
             mu=mu,
             coords=coords,
             tol=tol,
-            gtol=gtol,
             options=options,
             restarts=restarts,
+            max_queries=self.limits.max_queries,
+            noise=noise,
         )
-        self.optimizer = self.method.optimizer if isinstance(self.method, FixedStep) else None
         self.rng = _make_rng(seed)
         self.nit = 0
         #: the last iteration's gradient estimate, f(x) (``None`` if unknown) and step size
@@ -285,7 +366,7 @@ class AskTell:
         self.done = False
         self.message: str | None = None
         self._run: Run | None = None
-        self._resume: dict[str, Any] | None = None
+        self._resume: Any = None  # the method's state value to resume from
         self._pending: QueryPlan | None = None
         self._snapshot = self._make_snapshot(None)
 
@@ -331,7 +412,9 @@ class AskTell:
 
     def _advance(self, values: Any) -> Iterate | QueryPlan | None:
         if self._run is None:
-            self._run = self.method.run(self.x, rng=self.rng, box=self.box, state=self._resume)
+            self._run = self.method.run(
+                self.x, rng=self.rng, box=self.box, state=self._resume, limits=self.limits
+            )
         try:
             event = self._run.send(values)
         except StopIteration as stop:
@@ -342,6 +425,10 @@ class AskTell:
             self.x = event.x
             self.nit += 1
             self.last, self.fun, self.lr = event.estimate, event.fun, float(event.lr)
+            gtol = self.limits.gtol
+            if gtol is not None and self._gradient_measure(event) <= gtol:
+                self.done, self.message = True, gtol_message(gtol)
+                self._run, self._pending = None, None
             self._snapshot = self._make_snapshot(event.state)
             return event
         if not isinstance(event, QueryPlan):  # pragma: no cover - a broken custom method
@@ -350,32 +437,45 @@ class AskTell:
         return event
 
     # -- checkpoints -------------------------------------------------------------------
-    def _make_snapshot(self, method_state: dict[str, Any] | None) -> dict[str, Any]:
-        state = {
+    def _gradient_measure(self, event: Iterate) -> float:
+        """``max|ĝ|`` of the iteration's estimate, projected at the new iterate's bounds
+        (the :class:`~zoopt.methods.Limits` ``gtol`` measure)."""
+        g = to_numpy(event.estimate.grad).astype(np.float64)
+        x = to_numpy(event.x).astype(np.float64)
+        return projected_gradient_max(x, g, self.box)
+
+    def _make_snapshot(self, method_state: Any) -> dict[str, Any]:
+        """The last completed iteration's state: values (the method's state value is kept
+        by reference: it is never written to), serialized only by :meth:`state_dict`."""
+        return {
             "x": np.array(to_numpy(self.x), dtype=np.float64, copy=True),
             "nit": self.nit,
             "rng": copy.deepcopy(self.rng.bit_generator.state),
-            "method": copy.deepcopy(method_state),
+            "method": method_state,
             "done": self.done,
             "message": self.message,
         }
-        if self.optimizer is not None:
-            state["optimizer"] = copy.deepcopy(self.optimizer.state_dict())
-        return state
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly, as of the last completed iteration: x,
-        iteration, method state (L-BFGS memory, ...), optimizer state, RNG state. Taken in
-        the middle of an iteration (after an ``ask``, between line-search points), a resumed
-        run asks for that iteration's points again and continues bit for bit."""
-        return copy.deepcopy(self._snapshot)
+        iteration, method state (L-BFGS memory, a fixed step's optimizer state, ...), RNG
+        state; host numbers and arrays. Taken in the middle of an iteration (after an
+        ``ask``, between line-search points), a resumed run asks for that iteration's points
+        again and continues bit for bit."""
+        state = copy.deepcopy({k: v for k, v in self._snapshot.items() if k != "method"})
+        method_state = self._snapshot["method"]
+        if isinstance(method_state, MethodState):
+            state["method"] = method_state.to_dict()
+        else:  # a method of your own: its dict (or None)
+            state["method"] = copy.deepcopy(method_state)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from :meth:`state_dict`'s output. Everything is checked before anything
         is changed: a bad state raises ``ValueError`` and leaves this object as it was."""
         if not isinstance(state, Mapping):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")
-        required = {"x", "nit", "rng", "method"} | ({"optimizer"} if self.optimizer else set())
+        required = {"x", "nit", "rng", "method"}
         missing = required - set(state)
         if missing:
             raise ValueError(f"state is missing {sorted(missing)}")
@@ -394,20 +494,18 @@ class AskTell:
         unknown = set(state) - required - {"done", "message", "optimizer"}
         if unknown:
             raise ValueError(f"state has unknown keys {sorted(map(str, unknown))}")
-        if self.optimizer is None and "optimizer" in state:
-            raise ValueError(
-                f"state holds an optimizer state, but {type(self.method).__name__} has no "
-                "optimizer (a state of another method?)"
-            )
         done, message = state.get("done", False), state.get("message")
         if not isinstance(done, bool | np.bool_):
             raise ValueError(f"state done must be a bool, got {done!r}")
         if message is not None and not isinstance(message, str):
             raise ValueError(f"state message must be a str or None, got {message!r}")
         method_state = state["method"]
-        check_method_state(self.method, method_state, self.dim)
-        if self.optimizer is not None:
-            self.optimizer.check_state_dict(state["optimizer"], self.dim)
+        if "optimizer" in state:
+            # the format of zoopt 0.1: a fixed step's optimizer state beside the method's
+            if not isinstance(method_state, Mapping):
+                raise ValueError("state holds an optimizer state but no method state dict")
+            method_state = {**method_state, "optimizer": state["optimizer"]}
+        resume = restore_method_state(self.method, method_state, self.dim)
         probe = type(self.rng.bit_generator)()
         try:
             probe.state = state["rng"]
@@ -415,13 +513,11 @@ class AskTell:
             raise ValueError(f"state rng is not a {type(probe).__name__} state: {exc}") from exc
         self.x = like(x, self.x)
         self.nit = int(nit)
-        if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
         self.rng.bit_generator.state = state["rng"]
-        self._resume = copy.deepcopy(dict(method_state)) if method_state is not None else None
+        self._resume = resume
         self.done, self.message = bool(done), message
         self._run, self._pending = None, None
-        self._snapshot = copy.deepcopy(dict(state))
+        self._snapshot = self._make_snapshot(resume)
 
 
 def _make_rng(seed: Any) -> np.random.Generator:
@@ -492,8 +588,10 @@ def minimize(
     coords: Callable[[int], Any] | None = None,
     batched: bool = False,
     gtol: float | None = None,
-    workers: int | Callable[..., Any] | None = None,
+    workers: WorkersSpec = None,
     progress: bool = False,
+    restarts: bool | int | str = "auto",
+    noise: float | None = None,
 ) -> OptimizeResult:
     """Minimize a black-box function from its values alone.
 
@@ -517,11 +615,14 @@ def minimize(
             :class:`~zoopt.SignSGD`); lr: its learning rate or schedule (default 1e-3).
         bounds: ``(low, high)`` pairs (``None`` for no bound) or ``scipy.optimize.Bounds``.
             Every queried point lies inside (projection onto the box).
-        maxiter: iterations (``None``: no limit; fixed-step methods with no ``max_queries``
-            either run ``FIXED_STEP_DEFAULT_MAXITER`` = 1000).
+        maxiter: iterations (``None``: no limit; with no ``max_queries`` either, fixed-step
+            methods run ``FIXED_STEP_DEFAULT_MAXITER`` = 1000 and SPSA
+            ``SPSA_DEFAULT_MAXITER`` = 1000 (neither converges by itself); L-BFGS and
+            methods of your own run until they return).
         max_queries: the budget of queries; never exceeded (a plan that would exceed it is
             not started: a line search's point costs 1, a gradient ``d`` or ``2d``). With a
-            budget, L-BFGS restarts from the best point when it converges early.
+            budget: it is a cap, not a target (a converged run stops and says so), unless
+            ``restarts`` spend it.
         tol: L-BFGS's ``gtol`` and ``ftol`` (as scipy's L-BFGS-B).
         options: settings of the method (e.g. ``{"memory": 5}`` for L-BFGS, ``{"c": 0.2}``
             for SPSA, ``{"momentum": 0.9}`` for ``"sgd"``).
@@ -533,13 +634,30 @@ def minimize(
         seed: seed for random directions and restarts; runs with the same seed are identical.
         mu: a schedule for the estimator's μ; coords: ``iteration -> coords`` (sparse CGE).
         batched: ``fun`` takes the whole ``(n, d)`` batch.
-        gtol: stop (converged) when the gradient estimate is this small: ``max|ĝ|`` for
-            L-BFGS, ``‖ĝ‖₂`` for fixed steps.
-        workers: evaluate a plan's points in parallel: an int (that many threads; for
-            functions that wait on I/O or release the GIL) or any map-like callable, e.g.
-            ``multiprocessing.Pool(4).map`` or an executor's ``map`` (as scipy's
-            ``workers``). Not with ``batched=True`` or an oracle.
+        gtol: stop (converged) when ``max|ĝ|`` of the projected gradient estimate is at
+            most ``gtol`` (scipy L-BFGS-B's ``pgtol``), for every method, given by name or
+            as an object (:class:`~zoopt.methods.Limits`).
+        workers: evaluate a plan's points in parallel (:mod:`zoopt.executors`): an int
+            ``N`` (N worker processes, as scipy's ``workers``; the function travels by
+            cloudpickle, the pool is reused), ``"threads:N"`` (functions that wait on I/O or
+            release the GIL), a ``concurrent.futures.Executor``, a Dask ``Client``, a
+            :class:`~zoopt.executors.QueryExecutor` or any map-like callable
+            (``multiprocessing.Pool(4).map``). A point that raises fails the run naming its
+            index; a worker that dies fails it at once. Not with ``batched=True`` or an
+            oracle.
         progress: show a tqdm progress bar (queries when a budget is set, else iterations).
+        restarts: the global phase after L-BFGS converges (:mod:`zoopt.restarts`): IPOP-CMA-ES
+            restarts, each polished by L-BFGS. ``"auto"`` (default): on when ``max_queries
+            >= 1000·d`` (a budget that large is one to spend), off otherwise (a converged
+            run stops); ``True`` (9 restarts), an int (that many) or ``False``. With
+            restarts the run ends at the budget (status 1) or after the last restart
+            (status 0).
+        noise: the standard deviation of ``fun``'s noise, for stochastic objectives
+            (simulations, minibatch losses): L-BFGS then takes central differences with
+            steps ``max(eps, noise)^(1/3)·max(1, |x_i|)``, resamples (up to 8 times) each
+            difference that stays below the noise, and stops (converged) when every one
+            does. Without it, L-BFGS's tiny steps read the noise as slope. When the noise is
+            unknown or large next to the changes you are after, use ``method="spsa"``.
 
     Returns:
         :class:`OptimizeResult`; ``x`` is the best point queried and ``fun`` its value.
@@ -563,9 +681,6 @@ def minimize(
         raise TypeError(f"callback must be callable or None, got {callback!r}")
     if not isinstance(args, tuple):
         args = (args,)
-    # a method chosen by name takes gtol itself (L-BFGS tests max|ĝ|; the others ignore it);
-    # for the others the driver tests ‖ĝ‖₂
-    by_name = method is None or isinstance(method, str)
     at = AskTell(
         x0,
         estimator,
@@ -577,21 +692,21 @@ def minimize(
         mu=mu,
         coords=coords,
         tol=tol,
-        gtol=gtol if by_name else None,
         options=options,
-        restarts=max_queries is not None,
+        restarts=restarts,
+        limits=Limits(maxiter, max_queries, None if gtol is None else float(gtol)),
+        noise=noise,
     )
-    lbfgs_tests_gtol = by_name and isinstance(at.method, LBFGS)
-    fixed_step = not isinstance(at.method, LBFGS)
-    if fixed_step and maxiter is None and max_queries is None:
-        maxiter = FIXED_STEP_DEFAULT_MAXITER
-    oracle, pool = _make_oracle(fun, at.dim, args, batched, workers)
-    driver = _Driver(at, oracle, maxiter, max_queries, callback, None if lbfgs_tests_gtol else gtol)
+    if maxiter is None and max_queries is None:
+        # one Limits value for the method (it plans with them), AskTell (gtol), the driver
+        at.limits = dataclasses.replace(at.limits, maxiter=default_maxiter(at.method))
+    oracle, executor = _make_oracle(fun, at.dim, args, batched, workers)
+    driver = _Driver(at, oracle, callback)
     try:
         return driver.run(progress)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+        if executor is not None and executor is not workers:  # only what minimize made
+            executor.close()
 
 
 def _make_oracle(
@@ -599,9 +714,10 @@ def _make_oracle(
     dim: int,
     args: tuple[Any, ...],
     batched: bool,
-    workers: int | Callable[..., Any] | None,
-) -> tuple[BaseOracle, ThreadPoolExecutor | None]:
-    """The oracle minimize queries, and the thread pool it owns (if ``workers`` is an int)."""
+    workers: WorkersSpec,
+) -> tuple[BaseOracle, QueryExecutor | None]:
+    """The oracle minimize queries, and the executor evaluating its points (``None``: in
+    turn, in this process)."""
     if isinstance(fun, BaseOracle):
         if args or workers is not None or batched:
             given = [
@@ -616,26 +732,17 @@ def _make_oracle(
         return fun, None
     if not callable(fun):
         raise TypeError(f"fun must be callable or an oracle, got {fun!r}")
-    pool = None
-    mapper: Callable[..., Any] | None = None
+    executor: QueryExecutor | None = None
     if workers is not None:
         if batched:
             raise ValueError("workers= evaluates points one by one; it cannot go with batched=True")
-        if isinstance(workers, bool) or not (isinstance(workers, int) or callable(workers)):
-            raise ValueError(f"workers must be an int >= 1 or a map-like callable, got {workers!r}")
-        if isinstance(workers, int):
-            if workers < 1:
-                raise ValueError(
-                    f"workers must be an int >= 1 or a map-like callable, got {workers}"
-                )
-            if workers > 1:
-                pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="zoopt-minimize")
-                mapper = pool.map
-        else:
-            mapper = workers
+        executor = as_executor(workers)
+        if isinstance(workers, int) and workers == 1:  # in this process, as without workers
+            executor = None
     f = fun if not args else _WithArgs(fun, args)
+    mapper = None if executor is None else executor.map
     oracle = FunctionOracle(f, dim, batched=batched, on_nonfinite="inf", workers=mapper)
-    return oracle, pool
+    return oracle, executor
 
 
 class _WithArgs:
@@ -651,26 +758,15 @@ class _WithArgs:
 class _Driver:
     """Runs an :class:`AskTell` against an oracle under minimize's limits."""
 
-    def __init__(
-        self,
-        at: AskTell,
-        oracle: BaseOracle,
-        maxiter: int | None,
-        max_queries: int | None,
-        callback: Callable[..., Any] | None,
-        gtol: float | None,
-    ):
+    def __init__(self, at: AskTell, oracle: BaseOracle, callback: Callable[..., Any] | None):
         self.at, self.oracle = at, oracle
-        self.maxiter, self.max_queries, self.gtol = maxiter, max_queries, gtol
+        self.maxiter, self.max_queries = at.limits.maxiter, at.limits.max_queries
         self.callback = callback
         self.by_keyword = callback is not None and _takes_intermediate_result(callback)
         self.start = oracle.queries
-        self._oracle_best0 = oracle.best_f
         #: what the plan refused for the budget needed (the limit message is made at the end)
         self._limit_next: str | None = None
         self.njev = 0
-        self.best_x: Array | None = None
-        self.best_fun = math.inf
         self.history: dict[str, list[float]] = {
             "fun": [],
             "fun_at_estimate": [],
@@ -683,19 +779,29 @@ class _Driver:
     def spent(self) -> int:
         return self.oracle.queries - self.start
 
+    # the best point is the oracle's (tracked once, where every value passes: inside
+    # run_scope it is this run's)
+    @property
+    def best_x(self) -> Array | None:
+        return self.oracle.best_x
+
+    @property
+    def best_fun(self) -> float:
+        return float(self.oracle.best_f)
+
     def _evaluate(self, plan: QueryPlan) -> Array:
         values = plan.evaluate(self.oracle)
-        host = to_numpy(values).astype(np.float64)
-        if host.size:
-            i = int(np.argmin(np.where(np.isnan(host), np.inf, host)))
-            if host[i] < self.best_fun:
-                self.best_fun = float(host[i])
-                self.best_x = copy_of(plan.points(i, i + 1)[0])
         if plan.kind == "gradient":
             self.njev += 1
         return values
 
     def run(self, progress: bool) -> OptimizeResult:
+        """The run, inside the oracle's :meth:`~zoopt.BaseOracle.run_scope`: its budget
+        capped at ``max_queries`` more queries, its best point this run's."""
+        with self.oracle.run_scope(self.max_queries):
+            return self._run(progress)
+
+    def _run(self, progress: bool) -> OptimizeResult:
         t0 = time.perf_counter()
         bar = None
         if progress:
@@ -737,7 +843,9 @@ class _Driver:
                 message = at.message or "the method finished"
                 converged = message.startswith("converged")
                 return (STATUS_CONVERGED if converged else STATUS_FAILED), message
-            if self.max_queries is not None and self.spent + plan.n > self.max_queries:
+            if not self.oracle.budget.fits(plan.n):  # the one budget (capped by run_scope)
+                if self.max_queries is None or self.spent + plan.n <= self.max_queries:
+                    return STATUS_LIMIT, str(self._oracle_budget_error())
                 # the count is filled in at the end: a last query at the final iterate may
                 # still fit in the budget (see _result)
                 what = "gradient estimate" if plan.kind == "gradient" else "query"
@@ -768,18 +876,14 @@ class _Driver:
                 bar.set_postfix(best=f"{self.best_fun:.6g}", refresh=False)
             if self.callback is not None and self._call_back(est, fun_k):
                 return STATUS_CALLBACK, "stopped by callback"
-            if self.gtol is not None and gnorm < self.gtol:
-                return (
-                    STATUS_CONVERGED,
-                    f"converged: gradient estimate norm {gnorm:.3g} < gtol={self.gtol}",
-                )
+            gtol = at.limits.gtol
+            if gtol is not None and at.done and at.message == gtol_message(gtol):
+                return STATUS_CONVERGED, at.message  # AskTell tested it (Limits.gtol)
 
     def _result(self, status: int, message: str, t0: float, *, final_query: bool) -> OptimizeResult:
         """The result; ``final_query``: f at the last iterate may be asked for (not after
         Ctrl-C or an exception: the function is not called again then)."""
         at = self.at
-        if not final_query:
-            self._take_oracle_best()
         last_fun = math.nan if at.fun is None else float(at.fun)
         if final_query and at.fun is None and status != STATUS_FAILED:
             last_fun = self._final_value(at.x, last_fun)
@@ -792,6 +896,8 @@ class _Driver:
         if status == STATUS_INTERRUPTED:
             message += "; returning the best point so far"
         x_best, f_best = self.best_x, self.best_fun
+        if x_best is not None:  # the caller's to keep: not the oracle's own array
+            x_best = copy_of(x_best)
         if x_best is None:  # stopped before any value came back: f is unknown (NaN)
             x_best, f_best = copy_of(at.x), last_fun
         return OptimizeResult(
@@ -812,12 +918,10 @@ class _Driver:
             wall_seconds=time.perf_counter() - t0,
         )
 
-    def _take_oracle_best(self) -> None:
-        """After Ctrl-C inside a batch: values that came back before it are only known to
-        the oracle (the plan never finished); its best is real if it improved in this run."""
-        oracle = self.oracle
-        if oracle.best_x is not None and oracle.best_f < min(self.best_fun, self._oracle_best0):
-            self.best_fun, self.best_x = float(oracle.best_f), copy_of(oracle.best_x)
+    def _oracle_budget_error(self) -> BudgetExceeded:
+        """The oracle's own budget (below this run's): the error its next query would raise."""
+        o = self.oracle
+        return BudgetExceeded(o.queries, int(o.max_queries or 0), o.best_x, o.best_f)
 
     def _final_value(self, x: Array, default: float) -> float:
         """f at the last iterate if the budget allows (it may be the best point)."""
@@ -826,12 +930,9 @@ class _Driver:
         if self.best_x is not None and bool(np.array_equal(to_numpy(self.best_x), to_numpy(x))):
             return self.best_fun  # already queried there (e.g. x0 when no iteration ran)
         try:
-            value = float(self.oracle(x))
+            return float(self.oracle(x))  # the oracle keeps it if it is the best
         except (BudgetExceeded, OracleError, KeyboardInterrupt):
             return default
-        if value < self.best_fun or self.best_x is None:
-            self.best_fun, self.best_x = value, copy_of(x)
-        return value
 
     def _call_back(self, est: Estimate, fun_k: float) -> bool:
         at = self.at

@@ -63,6 +63,14 @@ class OptState:
     t: int = 0
     buffers: Mapping[str, Array | None] = field(default_factory=dict)
 
+    def to_dict(self) -> dict[str, Any]:
+        """``{"t": int, "<buffer>": numpy array or None, ...}`` (host copies): the one
+        serializer (:meth:`Optimizer.state_from_dict` reads it back)."""
+        out: dict[str, Any] = {"t": self.t}
+        for name, buf in self.buffers.items():
+            out[name] = None if buf is None else np.array(to_numpy(buf), copy=True)
+        return out
+
 
 def decayed(grad: Array, x: Array, weight_decay: float) -> Array:
     """``grad + weight_decay * x`` (L2 weight decay; ``grad`` itself when it is 0)."""
@@ -224,12 +232,11 @@ class Optimizer:
         return x_new
 
     def state_dict(self) -> dict[str, Any]:
-        """``{"t": int, "<buffer>": numpy array or None, ...}`` (host copies)."""
-        out: dict[str, Any] = {"t": self.state.t}
-        for name in self.buffers:
-            buf = self.state.buffers.get(name)
-            out[name] = None if buf is None else np.array(to_numpy(buf), copy=True)
-        return out
+        """``{"t": int, "<buffer>": numpy array or None, ...}`` (host copies of
+        ``self.state``: :meth:`OptState.to_dict`)."""
+        return OptState(
+            self.state.t, {n: self.state.buffers.get(n) for n in self.buffers}
+        ).to_dict()
 
     def check_state_dict(self, state: Any, dim: int | None = None) -> None:
         """Raise ``ValueError`` (naming what is wrong) unless ``state`` is a valid
@@ -255,17 +262,22 @@ class Optimizer:
             if not np.all(np.isfinite(buf)):
                 raise ValueError(f"optimizer state {name!r} holds non-finite values")
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Replace the state by ``state`` (checked whole first); buffers stay host arrays
-        until the next update moves them to its x's device."""
-        self.check_state_dict(state)
-        self.state = OptState(
+    def state_from_dict(self, state: Any, dim: int | None = None) -> OptState:
+        """The :class:`OptState` saved as ``state`` (:meth:`OptState.to_dict`), checked whole
+        first (:meth:`check_state_dict`); buffers stay host arrays until the next update
+        moves them to its x's device."""
+        self.check_state_dict(state, dim)
+        return OptState(
             int(state["t"]),
             {
                 name: None if state[name] is None else np.array(to_numpy(state[name]), copy=True)
                 for name in self.buffers
             },
         )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Replace the state by ``state`` (:meth:`state_from_dict`)."""
+        self.state = self.state_from_dict(state)
 
 
 class SGD(Optimizer):

@@ -9,7 +9,9 @@ non-finite values, and tracking of the best point seen.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -51,6 +53,111 @@ class BudgetExceeded(RuntimeError):
         self.max_queries = max_queries
         self.best_x = best_x
         self.best_f = best_f
+
+
+class Budget:
+    """The one query budget: queries spent, queries reserved by calls in progress, the cap.
+
+    Every layer that limits queries consults one of these (:class:`BaseOracle` holds one;
+    ``minimize`` caps it for a run; the classifier clients reserve from one): a check and
+    the reservation it allows happen together under a lock, so callers on many threads can
+    never overspend it. ``max_queries=None`` is unlimited.
+
+    * :meth:`charge` — ``n`` queries counted now (an oracle about to evaluate them);
+    * :meth:`reserve` then :meth:`settle` / :meth:`release` — ``n`` queries held while a
+      call is in flight, counted as their answers come back, the rest given back;
+    * :meth:`fits` — whether ``n`` more would fit (a driver's look-ahead: a plan that does
+      not fit is not started).
+    """
+
+    def __init__(self, max_queries: int | None = None, *, spent: int = 0):
+        self._lock = threading.Lock()
+        self.max_queries = _check_max_queries(max_queries)
+        self.spent = int(spent)
+        self.reserved = 0
+
+    @property
+    def remaining(self) -> int | None:
+        """Queries that may still be reserved (``None`` if unlimited)."""
+        if self.max_queries is None:
+            return None
+        return self.max_queries - self.spent - self.reserved
+
+    def fits(self, n: int) -> bool:
+        """Whether ``n`` more queries fit (spent + reserved + n <= max_queries)."""
+        remaining = self.remaining
+        return remaining is None or n <= remaining
+
+    def reserve(self, n: int) -> int:
+        """Hold ``n`` queries for a call in flight; returns the index of the first.
+
+        Raises:
+            BudgetExceeded: they do not fit (nothing is reserved then).
+        """
+        with self._lock:
+            if not self.fits(n):
+                raise BudgetExceeded(
+                    self.spent + self.reserved, int(self.max_queries or 0), None, math.inf
+                )
+            first = self.spent + self.reserved
+            self.reserved += n
+            return first
+
+    def settle(self, n: int) -> None:
+        """``n`` reserved queries were answered: they count as spent."""
+        with self._lock:
+            self.reserved -= n
+            self.spent += n
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` reserved queries that were never answered."""
+        with self._lock:
+            self.reserved -= n
+
+    def charge(self, n: int) -> int:
+        """Count ``n`` queries now (reserve and settle at once); returns the first's index.
+
+        Raises:
+            BudgetExceeded: they do not fit (nothing is counted then).
+        """
+        with self._lock:
+            if not self.fits(n):
+                raise BudgetExceeded(
+                    self.spent + self.reserved, int(self.max_queries or 0), None, math.inf
+                )
+            first = self.spent
+            self.spent += n
+            return first
+
+    def refund(self, n: int) -> None:
+        """Uncount ``n`` charged queries that never ran (a batch cut by Ctrl-C)."""
+        with self._lock:
+            self.spent -= n
+
+    @contextmanager
+    def capped(self, n: int | None) -> Iterator[Budget]:
+        """Within the block at most ``n`` more queries fit (``None``: no further cap); the
+        cap before is restored afterwards. ``minimize`` runs under this, so its
+        ``max_queries`` and the oracle's own budget are one budget."""
+        before = self.max_queries
+        if n is not None:
+            with self._lock:
+                cap = self.spent + self.reserved + int(n)
+                self.max_queries = cap if before is None else min(before, cap)
+        try:
+            yield self
+        finally:
+            self.max_queries = before
+
+
+def _check_max_queries(max_queries: Any) -> int | None:
+    if max_queries is not None and (
+        isinstance(max_queries, bool)
+        or not isinstance(max_queries, int | np.integer)
+        or max_queries < 0
+    ):
+        raise ValueError(f"max_queries must be a non-negative integer or None, got {max_queries!r}")
+    return None if max_queries is None else int(max_queries)
 
 
 @runtime_checkable
@@ -131,20 +238,15 @@ class BaseOracle:
     ):
         if not isinstance(dim, int | np.integer) or isinstance(dim, bool) or dim < 1:
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        if max_queries is not None and (
-            not isinstance(max_queries, int | np.integer) or max_queries < 0
-        ):
-            raise ValueError(
-                f"max_queries must be a non-negative integer or None, got {max_queries!r}"
-            )
         if max_batch_bytes <= 0:
             raise ValueError(f"max_batch_bytes must be positive, got {max_batch_bytes!r}")
         self.dim = int(dim)
-        self.max_queries = None if max_queries is None else int(max_queries)
+        #: the query counter and the cap (``queries``, ``max_queries`` and ``remaining`` read
+        #: and write it)
+        self.budget = Budget(max_queries)
         self.on_error = _check_policy("on_error", on_error)
         self.on_nonfinite = _check_policy("on_nonfinite", on_nonfinite)
         self.max_batch_bytes = int(max_batch_bytes)
-        self.queries = 0
         self.best_f = math.inf
         self.best_x: Array | None = None
         if not isinstance(track_best, bool):
@@ -242,10 +344,47 @@ class BaseOracle:
                 f"the directions have dim={steps.directions.dim} but the oracle has dim={self.dim}"
             )
 
+    @contextmanager
+    def run_scope(self, max_queries: int | None = None) -> Iterator[None]:
+        """One optimization run on this oracle (``minimize``'s): within the block at most
+        ``max_queries`` more queries fit (the one budget, capped; ``None``: the oracle's own
+        cap only) and ``best_f``/``best_x`` are the block's best point, kept even with
+        ``track_best=False`` (a run returns it). Afterwards the cap is restored and the
+        oracle's best is the better of the one before and the block's."""
+        before = (self.best_f, self.best_x, self.track_best)
+        self.best_f, self.best_x, self.track_best = math.inf, None, True
+        try:
+            with self.budget.capped(max_queries):
+                yield
+        finally:
+            self.track_best = before[2]
+            if not self.best_f < before[0]:
+                self.best_f, self.best_x = before[0], before[1]
+            elif not self.track_best:
+                self.best_x = None
+
+    @property
+    def queries(self) -> int:
+        """Queries counted so far (the budget's ``spent``)."""
+        return self.budget.spent
+
+    @queries.setter
+    def queries(self, value: int) -> None:  # a replica's count, a restored checkpoint's
+        self.budget.spent = int(value)
+
+    @property
+    def max_queries(self) -> int | None:
+        """The budget's cap (``None``: unlimited)."""
+        return self.budget.max_queries
+
+    @max_queries.setter
+    def max_queries(self, value: int | None) -> None:
+        self.budget.max_queries = _check_max_queries(value)
+
     @property
     def remaining(self) -> int | None:
         """Queries left in the budget (``None`` if unlimited)."""
-        return None if self.max_queries is None else self.max_queries - self.queries
+        return self.budget.remaining
 
     # -- helpers for subclasses -----------------------------------------------------
     def _check_point(self, x: Array) -> None:
@@ -259,11 +398,10 @@ class BaseOracle:
 
         Returns the global index of the first of them.
         """
-        if self.max_queries is not None and self.queries + n > self.max_queries:
-            raise BudgetExceeded(self.queries, self.max_queries, self.best_x, self.best_f)
-        first = self.queries
-        self.queries += n
-        return first
+        try:
+            return self.budget.charge(n)
+        except BudgetExceeded as exc:  # the oracle knows the best point the error carries
+            raise BudgetExceeded(exc.queries, exc.max_queries, self.best_x, self.best_f) from None
 
     #: what the error messages call the thing being queried
     _what = "function"
@@ -422,7 +560,7 @@ class FunctionOracle(BaseOracle):
         """Ctrl-C in the middle of a batch: the values that came back are real answers, so
         the best of them is kept, and the points never started are not counted as queries
         (the one interrupted is: the function was running on it)."""
-        self.queries -= max(0, len(rows) - len(values) - 1)
+        self.budget.refund(max(0, len(rows) - len(values) - 1))
         if values:
             finite = np.where(np.isfinite(values), values, math.inf)
             self._track_best(finite, lambda i: rows[i])

@@ -17,7 +17,12 @@ Modules:
 - :mod:`~applications.defense.tasks`: what the Trainer trains;
 - :mod:`~applications.defense.recipe`: the shared training recipe;
 - :mod:`~applications.defense.training`: pretraining and each method's training;
-- :mod:`~applications.defense.certification`: CERTIFY, table and plot;
+- :mod:`~applications.defense.selection`: the validation split and each method's
+  learning-rate sweep on it;
+- :mod:`~applications.defense.certification`: CERTIFY in blocks (resumable), table and plot;
+- :mod:`~applications.defense.statistics`: Clopper-Pearson intervals, McNemar's exact test,
+  the image bootstrap;
 - :mod:`~applications.defense.experiment`: :func:`run`, the whole experiment;
+- :mod:`~applications.defense.summary`: several seeds: tables, paired tests, plot;
 - :mod:`~applications.defense.cli`: flags -> config, ``main``.
 """

@@ -103,11 +103,36 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--steps-per-epoch", type=int, default=tr.steps_per_epoch, help="truncate epochs"
     )
-    # Per-method learning rates, each the best of the same grid (noisy validation accuracy;
-    # docs/certified_defense.md lists what was tried, on digits and on MNIST).
+    # Per-method learning rates: the centre of each method's sweep on the validation split
+    # (the same --lr-factors for every method; --lr-factors 1 trains the given rate).
     train.add_argument("--lr-fo-ds", type=float, default=tr.lr_fo_ds)
     train.add_argument("--lr-zo-ae-ds", type=float, default=tr.lr_zo_ae_ds)
     train.add_argument("--lr-deepzero", type=float, default=tr.lr_deepzero)
+    train.add_argument(
+        "--lr-factors",
+        type=_floats,
+        default=list(tr.lr_factors),
+        help="each method tries its --lr-* times each factor for --sweep-epochs and keeps the "
+        "best on the validation split",
+    )
+    train.add_argument(
+        "--sweep-epochs",
+        type=int,
+        default=tr.sweep_epochs,
+        help="epochs of the real schedule each learning-rate candidate trains before scoring",
+    )
+    train.add_argument(
+        "--sweep-draws",
+        type=int,
+        default=tr.sweep_draws,
+        help="noise draws per validation image when scoring a candidate",
+    )
+    train.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=tr.validation_fraction,
+        help="share of every class of the training images held out for validation",
+    )
     train.add_argument("--weight-decay", type=float, default=tr.weight_decay)
     train.add_argument(
         "--warmup-epochs",
@@ -158,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="ZO-AE-DS images per call",
     )
     train.add_argument(
-        "--num-validate", type=int, default=tr.num_validate, help="noisy test images per epoch"
+        "--num-validate",
+        type=int,
+        default=tr.num_validate,
+        help="noisy validation images checked per epoch",
     )
     ce = d.certify
     cert = p.add_argument_group("certification")
@@ -167,12 +195,28 @@ def build_parser() -> argparse.ArgumentParser:
     cert.add_argument("--alpha", type=float, default=ce.alpha)
     cert.add_argument("--radii", type=_floats, default=list(ce.radii))
     cert.add_argument(
-        "--num-certify", type=int, default=ce.num_certify, help="test images certified"
+        "--num-certify",
+        type=int,
+        default=ce.num_certify,
+        help="test images certified (capped by the test split; a rerun into the same DIR with "
+        "a larger value certifies only the rest)",
     )
     cert.add_argument("--certify-batch", type=int, default=ce.batch, help="noisy copies per call")
+    cert.add_argument(
+        "--certify-block",
+        type=int,
+        default=ce.block,
+        help="test images per pass through the denoiser and the API",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch CPU threads (default: torch's); same seed and threads -> same numbers",
+    )
     p.add_argument(
         "--premise-only",
         action="store_true",
@@ -200,7 +244,7 @@ def _floats(text: str) -> list[float]:
             f"expected comma-separated numbers, got {text!r}"
         ) from None
     if any(not (v >= 0 and math.isfinite(v)) for v in values):
-        raise argparse.ArgumentTypeError(f"radii must be finite and >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"values must be finite and >= 0, got {text!r}")
     return values
 
 
@@ -238,6 +282,10 @@ def config_from_args(args: argparse.Namespace) -> DefenseConfig:
             mu=args.mu,
             pretrain_epochs=args.pretrain_epochs,
             num_validate=args.num_validate,
+            validation_fraction=args.validation_fraction,
+            lr_factors=tuple(args.lr_factors),
+            sweep_epochs=args.sweep_epochs,
+            sweep_draws=args.sweep_draws,
         ),
         denoiser=DenoiserConfig(
             depth=args.dncnn_depth,
@@ -264,11 +312,13 @@ def config_from_args(args: argparse.Namespace) -> DefenseConfig:
             radii=tuple(args.radii),
             num_certify=args.num_certify,
             batch=args.certify_batch,
+            block=args.certify_block,
         ),
         seed=args.seed,
         device=args.device,
         progress=not args.no_progress,
         premise_only=args.premise_only,
+        threads=args.threads,
     )
 
 

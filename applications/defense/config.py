@@ -118,8 +118,15 @@ class TrainingConfig:
     of at most ``steps_per_epoch`` steps (``None``: whole epochs); per-method learning
     rates (:meth:`lr`); ``warmup_epochs`` of linear warmup before the cosine; ``mu``: the
     finite-difference step; ``pretrain_epochs``: the white-box MSE pretraining of the
-    denoiser and of ZO-AE-DS's autoencoder; ``num_validate``: noisy test images checked per
-    epoch (through the API).
+    denoiser and of ZO-AE-DS's autoencoder; ``num_validate``: noisy validation images checked
+    per epoch (through the API).
+
+    Learning rates are chosen on the validation split (``validation_fraction`` of every class
+    of the training images, never the test split): each method tries its rate times every one
+    of ``lr_factors`` (the same number of candidates for every method) for the first
+    ``sweep_epochs`` epochs of the real schedule, is scored by its noisy accuracy on the
+    validation images (``sweep_draws`` noise draws each), and the best candidate's run goes on
+    to ``epochs`` (:mod:`applications.defense.selection`).
     """
 
     sigma: float = 0.25
@@ -135,6 +142,10 @@ class TrainingConfig:
     mu: float = 5e-3
     pretrain_epochs: int = 10
     num_validate: int = 100
+    validation_fraction: float = 0.2
+    lr_factors: tuple[float, ...] = (0.3, 1.0, 3.0)
+    sweep_epochs: int = 1
+    sweep_draws: int = 8
 
     def __post_init__(self) -> None:
         for flag, value in (("--q", self.q), ("--batch-size", self.batch_size),
@@ -148,12 +159,34 @@ class TrainingConfig:
             )
         _check_positive_number("--sigma", self.sigma)
         _check_positive_number("--mu", self.mu)
+        _check_positive_int("--sweep-draws", self.sweep_draws)
+        if isinstance(self.sweep_epochs, bool) or not 1 <= self.sweep_epochs <= self.epochs:
+            raise ValueError(
+                f"--sweep-epochs must lie in [1, --epochs = {self.epochs}], "
+                f"got {self.sweep_epochs!r}"
+            )
+        if isinstance(self.validation_fraction, bool) or not 0 < self.validation_fraction < 1:
+            raise ValueError(
+                f"--validation-fraction must lie in (0, 1), got {self.validation_fraction!r}"
+            )
+        object.__setattr__(self, "lr_factors", tuple(float(f) for f in self.lr_factors))
+        if not self.lr_factors or any(not (f > 0 and math.isfinite(f)) for f in self.lr_factors):
+            raise ValueError(
+                f"--lr-factors must be positive numbers, got {list(self.lr_factors)!r}"
+            )
+        if len(set(self.lr_factors)) != len(self.lr_factors):
+            raise ValueError(f"--lr-factors must not repeat, got {list(self.lr_factors)!r}")
 
     def lr(self, method: str) -> float:
         """The learning rate of a defense method (``--lr-fo-ds``, ``--lr-zo-ae-ds``, ...)."""
         rates = {"fo-ds": self.lr_fo_ds, "zo-ae-ds": self.lr_zo_ae_ds, "deepzero": self.lr_deepzero}
         _check_choice("method", method, METHODS)
         return float(rates[method])
+
+    def lr_candidates(self, method: str) -> tuple[float, ...]:
+        """The learning rates the sweep tries for ``method``: its rate times each of
+        ``lr_factors``, ascending (so ties go to the smaller rate)."""
+        return tuple(sorted(self.lr(method) * f for f in self.lr_factors))
 
 
 @dataclass(frozen=True)
@@ -211,19 +244,24 @@ class DeepZeroConfig:
 @dataclass(frozen=True)
 class CertifyConfig:
     """CERTIFY (Cohen et al.): ``n0`` selection and ``n`` estimation samples at level
-    ``alpha`` for each of the first ``num_certify`` test images, ``batch`` noisy copies per
-    call (``None``: automatic); certified accuracy reported at ``radii`` (L2, pixel units)."""
+    ``alpha`` for each of the first ``num_certify`` test images (fewer when the test split is
+    smaller), ``block`` images per pass through the denoiser and the API, ``batch`` noisy
+    copies per API call (``None``: automatic); certified accuracy reported at ``radii`` (L2,
+    pixel units). Certificates are kept per image (``DIR/<method>/certificates.json``), so a
+    later run with a larger ``num_certify`` certifies only the images not yet done."""
 
     n0: int = 100
     n: int = 6000
     alpha: float = 0.001
     radii: tuple[float, ...] = PAPER_RADII
-    num_certify: int = 50
+    num_certify: int = 200
     batch: int | None = None
+    block: int = 8
 
     def __post_init__(self) -> None:
         for flag, value in (("--n0", self.n0), ("--n", self.n),
-                            ("--num-certify", self.num_certify)):  # fmt: skip
+                            ("--num-certify", self.num_certify),
+                            ("--certify-block", self.block)):  # fmt: skip
             _check_positive_int(flag, value)
         if not 0 < self.alpha < 1:
             raise ValueError(f"--alpha must lie in (0, 1), got {self.alpha!r}")
@@ -235,7 +273,9 @@ class CertifyConfig:
 @dataclass(frozen=True)
 class DefenseConfig:
     """The whole experiment: which ``methods`` to train and certify, every piece's settings,
-    the output folder ``out``, ``seed``, torch ``device`` and whether to show progress bars.
+    the output folder ``out``, ``seed``, torch ``device``, torch's CPU ``threads`` (``None``:
+    torch's default; the numbers are reproducible for a given seed and thread count) and
+    whether to show progress bars.
     ``premise_only``: measure what ZO-AE-DS's code costs (classifier accuracy on clean, noisy,
     denoised and autoencoded test images) and stop before training any method."""
 
@@ -252,8 +292,10 @@ class DefenseConfig:
     device: str = "cpu"
     progress: bool = True
     premise_only: bool = False
+    threads: int | None = None
 
     def __post_init__(self) -> None:
+        _check_optional_positive_int("--threads", self.threads)
         object.__setattr__(self, "out", Path(self.out))
         object.__setattr__(self, "methods", tuple(self.methods))
         bad = [m for m in self.methods if m not in METHODS]
@@ -311,14 +353,20 @@ def settings_record(config: DefenseConfig) -> dict[str, Any]:
         "deepzero_other": dz.other,
         "chunk_images": ae.chunk_images,
         "num_validate": tr.num_validate,
+        "validation_fraction": tr.validation_fraction,
+        "lr_factors": list(tr.lr_factors),
+        "sweep_epochs": tr.sweep_epochs,
+        "sweep_draws": tr.sweep_draws,
         "n0": cert.n0,
         "n": cert.n,
         "alpha": cert.alpha,
         "radii": list(cert.radii),
         "num_certify": cert.num_certify,
         "certify_batch": cert.batch,
+        "certify_block": cert.block,
         "seed": config.seed,
         "device": config.device,
         "no_progress": not config.progress,
         "premise_only": config.premise_only,
+        "threads": config.threads,
     }

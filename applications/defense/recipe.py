@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from zoopt.recipe import Recipe, RunOptions
 from zoopt.torch.train import TrainConfig, Trainer
 
 from .config import DefenseConfig
@@ -16,7 +17,7 @@ from .config import DefenseConfig
 
 def train_config(config: DefenseConfig, method: str, lr: float, **overrides: Any) -> TrainConfig:
     """The shared recipe (SGD momentum 0.9, cosine schedule) for trainer ``method`` at ``lr``;
-    ``overrides`` replace any :class:`TrainConfig` field."""
+    ``overrides`` replace any :class:`~zoopt.recipe.Recipe` field."""
     base: dict[str, Any] = dict(
         method=method,
         epochs=config.training.epochs,
@@ -26,10 +27,8 @@ def train_config(config: DefenseConfig, method: str, lr: float, **overrides: Any
         mu=config.training.mu,
         seed=config.seed,
         max_steps_per_epoch=config.training.steps_per_epoch,
-        progress=config.progress,
-        plots=True,
     )
-    return TrainConfig(**(base | overrides))
+    return TrainConfig.of(Recipe(**(base | overrides)), RunOptions(progress=config.progress))
 
 
 def fit(trainer: Trainer, lr_flag: str) -> dict[str, Any]:

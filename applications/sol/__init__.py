@@ -31,7 +31,8 @@ Arrays: states are ``(batch, 2, H, W)`` float32 in the solver's layout (see
 
 Modules (this package imports nothing heavy; import from them):
 
-* ``config``     — :class:`SolSettings` (frozen, validated) and :class:`RunOptions`;
+* ``config``     — :class:`SolSettings` (frozen, validated; each trained method's
+  :class:`zoopt.recipe.Recipe`, torch-free) and :class:`RunOptions`;
 * ``data``       — the solver protocols, :class:`Trajectories`, one-step pairs, loading;
 * ``model``      — :class:`Normalization`, :class:`CorrectionCNN`;
 * ``oracle``     — the correction oracles (``TrainableOracle``s);
@@ -40,5 +41,6 @@ Modules (this package imports nothing heavy; import from them):
 * ``training``   — training one method through the Trainer, what it reports;
 * ``report``     — gap closed, figures, the printed table;
 * ``experiment`` — :func:`run`: one whole run;
-* ``cli``        — flags -> settings; ``python applications/zo_sol.py`` runs its ``main``.
+* ``cli``        — flags -> settings (no torch import); ``python applications/zo_sol.py`` runs
+  its ``main``.
 """

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from zoopt.recipe import Recipe
+
 if TYPE_CHECKING:
     from zoopt.torch.train import TrainConfig
 
@@ -80,7 +82,7 @@ class SolSettings:
     Raises:
         ValueError: naming the bad setting and its value. The optimizer part (lr, momentum,
             mu, sparsity, ratios, ...) is checked by building the trained methods'
-            :class:`~zoopt.torch.train.TrainConfig` (see :meth:`train_config`).
+            :class:`~zoopt.recipe.Recipe` (see :meth:`recipe`; torch-free).
     """
 
     res: tuple[int, int] = (16, 32)
@@ -147,7 +149,7 @@ class SolSettings:
         # read-only, so that a frozen settings object cannot change under a run
         object.__setattr__(self, "lr", MappingProxyType(dict(self.lr)))
         for method in self.trained_methods:
-            self.train_config(method, progress=False)
+            self.recipe(method)
 
     @property
     def epochs(self) -> int:
@@ -158,13 +160,11 @@ class SolSettings:
         """``methods`` without SRC, in order."""
         return tuple(m for m in self.methods if m in TRAINED_METHODS)
 
-    def train_config(self, method: str, progress: bool) -> TrainConfig:
-        """The Trainer recipe of one trained method (``deepzero`` for ZO-SOL, else ``fo``)."""
-        from zoopt.torch.train import TrainConfig
-
+    def recipe(self, method: str) -> Recipe:
+        """The training recipe of one trained method (``deepzero`` for ZO-SOL, else ``fo``)."""
         if method not in TRAINED_METHODS:
             raise ValueError(f"method must be one of {TRAINED_METHODS}, got {method!r}")
-        return TrainConfig(
+        return Recipe(
             method="deepzero" if method == "ZO-SOL" else "fo",
             epochs=self.epochs,
             lr=self.lr[method],
@@ -178,9 +178,15 @@ class SolSettings:
             reshuffle_every=self.reshuffle_every,
             seed=self.seed,
             max_steps_per_epoch=self.steps_per_epoch,
-            progress=progress,
-            plots=True,
         )
+
+    def train_config(self, method: str, progress: bool) -> TrainConfig:
+        """The Trainer's configuration of one trained method: its :meth:`recipe`, with
+        progress output as asked and curve plots (imports torch)."""
+        from zoopt.recipe import RunOptions as TrainerRunOptions
+        from zoopt.torch.train import TrainConfig
+
+        return TrainConfig.of(self.recipe(method), TrainerRunOptions(progress=progress))
 
     def as_dict(self) -> dict[str, Any]:
         """The settings as JSON-ready values, in field order (``mae.json``'s ``settings``)."""

@@ -18,8 +18,16 @@ cluster is used.
 
     with parallel_oracle(task.oracle, workers=2) as oracle:
         Trainer(task, config, out_dir, oracle=oracle).fit()
+
+Independent points of any Python function (``minimize``'s plans, an ``AskTell`` loop) need no
+replica: they go through the executor protocol of :mod:`zoopt.executors`, for which a
+client of :func:`connect` is one more backend (:class:`DaskExecutor`, re-exported here)::
+
+    with connect(workers=4) as client:
+        res = zoopt.minimize(f, x0, workers=client)
 """
 
+from ..executors import DaskExecutor
 from .balance import GroupCosts, plan_probes, predict_group_cost, split_by_cost, split_equal
 from .cluster import OracleTimeout, cluster, connect
 from .oracle import Balance, ParallelOracle, parallel_oracle
@@ -36,6 +44,7 @@ from .protocol import (
 __all__ = [
     "Balance",
     "CostClock",
+    "DaskExecutor",
     "GroupCosts",
     "OracleFactory",
     "OracleTimeout",

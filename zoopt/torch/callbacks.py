@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..interrupts import deferred_interrupt
-from ..oracle import BudgetExceeded
+from ..oracle import Budget, BudgetExceeded
 
 
 class RunProgress(Protocol):
@@ -36,7 +36,8 @@ class RunProgress(Protocol):
 
 
 class RunRecipe(Protocol):
-    """The settings callbacks read (:class:`~zoopt.torch.train.TrainConfig` has them)."""
+    """The settings callbacks read: a few of the :class:`~zoopt.recipe.Recipe` and the
+    :class:`~zoopt.recipe.RunOptions` (:class:`~zoopt.torch.train.TrainConfig` has both)."""
 
     method: str
     epochs: int
@@ -66,8 +67,9 @@ class TrainerView(Protocol):
     def summary(self, stopped: str | None = None) -> dict[str, Any]: ...
 
 
-#: Checkpoint file layout version.
-CHECKPOINT_FORMAT = 2
+#: Checkpoint file layout version (3: the recipe and the run options stored apart, as
+#: ``"recipe"`` and ``"run"``; 2 held one ``"config"`` and a ``"batch_size"``, still read).
+CHECKPOINT_FORMAT = 3
 
 
 class Callback:
@@ -150,7 +152,9 @@ class Checkpoint(Callback):
             raise ValueError(
                 f"cannot read checkpoint {self.path} ({type(exc).__name__}: {detail[:300]})"
             ) from exc
-        needed = {"config", "state", "x", "buffers", "optimizer", "estimator_rng", "mask"}
+        needed = {"state", "x", "buffers", "optimizer", "estimator_rng", "mask"}
+        if isinstance(payload, dict) and "config" not in payload:
+            needed.add("recipe")  # format 3 (format 2: "config")
         if not isinstance(payload, dict) or needed - set(payload):
             missing = sorted(needed - set(payload)) if isinstance(payload, dict) else "all"
             raise ValueError(
@@ -292,7 +296,8 @@ class QueryBudget(Callback):
 
     def before_step(self, trainer: TrainerView) -> None:
         need = trainer.queries_next_step()
-        if trainer.state.queries + need > self.max_queries:
+        # the one budget rule (zoopt.oracle.Budget) on the run's count, kept across resumes
+        if not Budget(self.max_queries, spent=trainer.state.queries).fits(need):
             raise BudgetExceeded(trainer.state.queries, self.max_queries, None, math.nan)
 
 

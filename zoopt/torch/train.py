@@ -4,7 +4,8 @@ gradient source and optimizer of the core.
 Every application trains through :class:`Trainer`. What is trained is a :class:`Task` (the
 parameters, the oracle over them, the data and the evaluation); how is a
 :class:`~zoopt.step.GradientSource` and an :class:`~zoopt.optim.Optimizer` (built from the
-:class:`TrainConfig`, or given); everything around the loop (checkpoints, metrics, the
+:class:`TrainConfig`'s :class:`~zoopt.recipe.Recipe` through :mod:`zoopt.registry`, or
+given); everything around the loop (checkpoints, metrics, the
 summary, plots, progress, the query budget) is a :mod:`callback <zoopt.torch.callbacks>`.
 
 Per step (``method="deepzero"``):
@@ -22,14 +23,17 @@ an exhausted query budget and on any exception. They always hold the state as of
 random streams, BatchNorm statistics, query counts), and a Ctrl-C while a step is being
 committed is held until the commit is done. ``resume=True`` continues exactly: data order,
 augmentation, masks, RGE directions and optimizer state all come from saved or re-derivable
-random streams, and the result is bit-identical to an uninterrupted run. Checkpoints hold
-only tensors, numbers, strings, lists and dicts and are read with ``weights_only=True``.
+random streams, and the result is bit-identical to an uninterrupted run, which is why a
+resumed run must have the checkpoint's :class:`~zoopt.recipe.Recipe` (every field compared,
+:func:`zoopt.recipe.check_resume`). Checkpoints hold only tensors, numbers, strings, lists
+and dicts and are read with ``weights_only=True``.
 See docs/reliability.md.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import time
@@ -41,23 +45,20 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from .. import registry
 from .. import sparsity as sp
 from ..estimators import CGE, RGE, Estimate
-from ..interrupts import deferred_interrupt
-from ..optim import SGD, Adam, Optimizer, SignSGD, make_optimizer
+from ..interrupts import InterruptLatch, deferred_interrupt, latched_interrupts
+from ..optim import SGD, Adam, Optimizer, SignSGD
 from ..oracle import BudgetExceeded, TrainableOracle
-from ..schedules import Constant, Cosine, Schedule
+from ..recipe import Recipe, RunOptions, check_recipe, check_resume, check_run_options
+from ..schedules import Schedule
 from ..step import ZO, Autograd, GradientSource, accepts, propose, update, value_at
 from .callbacks import Callback, Checkpoint, default_callbacks, tensors
 
-#: "custom": the caller passes the gradient source (e.g. ZO-AE-DS in applications/defense)
-METHODS = ("deepzero", "fo", "rge", "cge", "mezo", "forward-grad", "custom")
 #: Methods whose update is applied in place into the trainer's x from the seeds (a lazy
 #: gradient): no gradient vector and no copy of x per step (see Trainer._step).
 IN_PLACE_METHODS = ("mezo", "rge", "forward-grad")
-OPTIMIZERS = ("sgd", "adam", "signsgd")
-LR_SCHEDULES = ("cosine", "constant")
-RATIO_METHODS = ("zo-grasp", "fo-grasp", "random", "uniform", "smart")
 
 
 class Task(Protocol):
@@ -91,78 +92,25 @@ class Task(Protocol):
     def load_buffers_state(self, state: dict[str, torch.Tensor]) -> None: ...
 
 
-@dataclass
-class TrainConfig:
-    """Training recipe. Defaults follow the paper's ResNet-20/CIFAR-10 recipe.
-
-    ``method`` picks the gradient source (``deepzero``: sparse CGE on a ZO-GraSP mask;
-    ``cge``/``rge``: dense ZO estimates, RGE with ``rge_q`` seeded directions; ``mezo``: RGE
-    with one direction (MeZO); ``forward-grad``: ``rge_q`` forward-mode directional
-    derivatives (the first-order-memory baseline); ``fo``: autograd; ``custom``: given to
-    the :class:`Trainer`); ``optimizer`` (``sgd``, ``adam``, ``signsgd``; with ``momentum``:
-    ZO-SGD-MMT) and ``lr_schedule`` (``cosine`` with optional warmup, or ``constant``) the
-    update. ``conservative``: ZO-SGD-Cons, each step is kept only if the loss on its
-    minibatch does not rise (one more query per step). ``reshuffle_every`` counts
-    epochs (the sparse mask is redrawn every that many epochs); ``max_steps_per_epoch``
-    truncates epochs for quick runs; ``max_queries`` stops training (with a checkpoint)
-    before a step would exceed the budget.
+@dataclass(frozen=True)
+class TrainConfig(RunOptions, Recipe):
+    """The trainer's configuration: a :class:`~zoopt.recipe.Recipe` (what the run computes:
+    method, optimizer, schedule, sparsity, seed, ...; see there for each field) and
+    :class:`~zoopt.recipe.RunOptions` (how it runs: ``max_queries``, ``checkpoint_every``,
+    ``progress``, ``plots``) as one flat frozen value: ``TrainConfig(method="fo", epochs=3,
+    progress=False)``, or :meth:`of` the two parts; ``config.recipe`` and ``config.run`` are
+    the parts. Resuming checks the recipe part only.
     """
 
-    method: str = "deepzero"
-    epochs: int = 50
-    optimizer: str = "sgd"
-    lr_schedule: str = "cosine"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 0
-    final_lr: float = 0.0
-    mu: float = 5e-3
-    scheme: str = "forward"
-    sparsity: float = 0.9
-    ratios: str = "zo-grasp"
-    grasp_q: int = 192
-    grasp_mu: float = 5e-3
-    reshuffle_every: int = 5
-    rge_q: int = 192
-    conservative: bool = False
-    seed: int = 0
-    max_steps_per_epoch: int | None = None
-    max_queries: int | None = None
-    checkpoint_every: int = 0
-    progress: bool = True
-    plots: bool = True
-
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.ratios not in RATIO_METHODS:
-            raise ValueError(f"ratios must be one of {RATIO_METHODS}, got {self.ratios!r}")
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"epochs must be an integer >= 1, got {self.epochs!r}")
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity!r}")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a finite number >= 0, got {self.lr!r}")
-        if not (self.mu > 0 and math.isfinite(self.mu)):
-            raise ValueError(f"mu must be a finite number > 0, got {self.mu!r}")
-        if not isinstance(self.reshuffle_every, int) or self.reshuffle_every < 1:
-            raise ValueError(
-                f"reshuffle_every must be an integer >= 1, got {self.reshuffle_every!r}"
-            )
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise ValueError(
-                f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs!r}"
-            )
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
-            raise ValueError(f"max_steps_per_epoch must be >= 1, got {self.max_steps_per_epoch!r}")
-        if isinstance(self.rge_q, bool) or not isinstance(self.rge_q, int) or self.rge_q < 1:
-            raise ValueError(f"rge_q must be an integer >= 1, got {self.rge_q!r}")
+        check_recipe(self)
+        check_run_options(self)
+
+    @classmethod
+    def of(cls, recipe: Recipe, run: RunOptions | None = None) -> TrainConfig:
+        """The configuration made of ``recipe`` and ``run`` (default :class:`RunOptions`)."""
+        run = RunOptions() if run is None else run
+        return cls(**asdict(recipe.recipe), **asdict(run.run))
 
 
 @dataclass
@@ -193,7 +141,7 @@ class Trainer:
             ``metrics.jsonl``, ``summary.json``, ``curves.png``); not needed when
             ``callbacks`` are given.
         resume: continue from the :class:`~zoopt.torch.callbacks.Checkpoint` callback's file
-            if it exists (bit-exact; settings that shape the trajectory must match).
+            if it exists (bit-exact; the recipe must match, :func:`zoopt.recipe.check_resume`).
         extra_summary: merged into the summary (e.g. dataset and model names).
         callbacks: replace :func:`~zoopt.torch.callbacks.default_callbacks`.
         source: the gradient source (default: from ``config.method``; required for
@@ -227,6 +175,11 @@ class Trainer:
             callbacks = default_callbacks(config, out_dir, self.extra_summary)
         self.callbacks = list(callbacks)
         self.out = None if out_dir is None else Path(out_dir)
+        if config.batch_size is not None and config.batch_size != task.batch_size:
+            raise ValueError(
+                f"the recipe's batch_size={config.batch_size!r} is not the task's "
+                f"batch_size={task.batch_size!r}; build the task with it, or leave it None"
+            )
         self.steps_per_epoch = task.steps_per_epoch()
         if config.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, config.max_steps_per_epoch)
@@ -240,6 +193,7 @@ class Trainer:
         self.x = task.parameters_vector()
         self._t_start: float | None = None
         self._t_epoch = time.perf_counter()
+        self._interrupts = InterruptLatch()  # replaced by fit's; checked between steps
         if resume:
             checkpoints = [c for c in self.callbacks if isinstance(c, Checkpoint)]
             if not checkpoints:
@@ -247,26 +201,26 @@ class Trainer:
             checkpoints[0].restore(self)
 
     # -- how: source and optimizer --------------------------------------------------
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe this run follows (``batch_size``: the task's); what resuming checks."""
+        return dataclasses.replace(self.config.recipe, batch_size=int(self.task.batch_size))
+
     def _lr_schedule(self) -> Schedule:
         cfg = self.config
-        if cfg.lr_schedule == "constant":
-            return Constant(cfg.lr)
         total = max(1, cfg.epochs * self.steps_per_epoch)
-        return Cosine(
-            base=cfg.lr,
-            total=total,
-            warmup=min(cfg.warmup_epochs * self.steps_per_epoch, total - 1),
-            final=cfg.final_lr,
+        warmup = min(cfg.warmup_epochs * self.steps_per_epoch, total - 1)
+        return registry.schedule(
+            cfg.lr_schedule, cfg.lr, total=total, warmup=warmup, final=cfg.final_lr
         )
 
     def _default_optimizer(self) -> Optimizer:
+        # each option the registered optimizer takes that the recipe has a field for
         cfg = self.config
-        options: dict[str, Any] = {"weight_decay": cfg.weight_decay}
-        if cfg.optimizer == "sgd":
-            options.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
-        elif cfg.optimizer == "signsgd":
-            options.update(momentum=cfg.momentum)
-        return make_optimizer(cfg.optimizer, self._lr_schedule(), **options)
+        recipe_fields = {f.name for f in dataclasses.fields(Recipe)}
+        entry = registry.OPTIMIZERS[cfg.optimizer]
+        options = {k: getattr(cfg, k) for k in entry.options if k in recipe_fields}
+        return registry.optimizer(cfg.optimizer, self._lr_schedule(), **options)
 
     def _default_source(self) -> GradientSource:
         cfg = self.config
@@ -424,7 +378,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train until ``config.epochs``; returns the summary."""
         try:  # the first statement: a Ctrl-C anywhere in training is handled below
-            return self._fit()
+            # a Ctrl-C that Python drops (raised inside a finalizer, e.g. an abandoned batch
+            # generator being closed) is still latched and stops the run at the next step
+            with latched_interrupts() as self._interrupts:
+                return self._fit()
         except KeyboardInterrupt:
             self._stop("interrupted")
             raise
@@ -454,6 +411,7 @@ class Trainer:
             self._emit("on_checkpoint")  # the scores are paid for: keep them
         self._emit("on_start")
         while st.epoch < cfg.epochs:
+            self._interrupts.check()
             self._run_epoch()
         st.finished = True
         self._stop(None)
@@ -476,6 +434,7 @@ class Trainer:
         for i, batch in enumerate(self._epoch_batches(st.epoch)):
             if i < st.step_in_epoch:
                 continue  # resuming mid-epoch: the same batches, already used
+            self._interrupts.check()
             self._emit("before_step")
             before = self._snapshot()
             committed = False
@@ -553,8 +512,8 @@ class Trainer:
         if "g0" in state["grasp"]:
             state["grasp"] = {**state["grasp"], "g0": torch.as_tensor(state["grasp"]["g0"])}
         return {
-            "config": asdict(self.config),
-            "batch_size": int(self.task.batch_size),
+            "recipe": asdict(self.recipe),
+            "run": asdict(self.config.run),
             "state": state,
             "x": self.x.detach().cpu(),
             "buffers": {k: v.detach().cpu() for k, v in self.task.buffers_state().items()},
@@ -566,17 +525,9 @@ class Trainer:
 
     def load_payload(self, payload: dict[str, Any], source: str = "checkpoint") -> None:
         """Continue from :meth:`state_payload`'s output (``ValueError`` naming ``source`` if
-        its recipe differs where it must not, or it does not fit)."""
-        saved = dict(payload["config"])
-        saved["batch_size"] = payload.get("batch_size")
-        mine = {**asdict(self.config), "batch_size": int(self.task.batch_size)}
-        for key in _RESUME_MUST_MATCH:
-            if saved.get(key, _DEFAULTS.get(key)) != mine[key]:
-                raise ValueError(
-                    f"checkpoint {source} was written with {key}={saved.get(key)!r}, "
-                    f"but this run has {key}={mine[key]!r}; resume with the same setting, or "
-                    "start a new run in another folder"
-                )
+        its recipe differs from :attr:`recipe` (:func:`zoopt.recipe.check_resume`), or it does
+        not fit)."""
+        check_resume(saved_recipe(payload), self.recipe, source)
         try:
             state = dict(payload["state"])
             if "g0" in state.get("grasp", {}):
@@ -613,7 +564,7 @@ class Trainer:
             "finished": st.finished,
             "stopped": stopped,
             **{k: v for k, v in last.items() if k.startswith("test_")},
-            "config": asdict(cfg),
+            "config": asdict(dataclasses.replace(cfg, batch_size=self.recipe.batch_size)),
             "keep_ratios": st.keep_ratios,
             **self.extra_summary,
         }
@@ -698,15 +649,19 @@ def _uses_buffer(optimizer: Optimizer, name: str) -> bool:
     return True
 
 
-#: Settings a resumed run must share with the checkpoint (they shape the trajectory);
-#: ``epochs`` may grow (the run continues), budgets and outputs may change.
-_RESUME_MUST_MATCH = (
-    "method", "sparsity", "seed", "ratios", "mu", "scheme", "optimizer", "lr_schedule", "lr",
-    "momentum", "nesterov", "weight_decay", "warmup_epochs", "final_lr", "grasp_q", "grasp_mu",
-    "reshuffle_every", "rge_q", "max_steps_per_epoch", "batch_size", "conservative",
-)  # fmt: skip
-#: what an older checkpoint without a field was written with
-_DEFAULTS = {"optimizer": "sgd", "lr_schedule": "cosine", "conservative": False}
+def saved_recipe(payload: dict[str, Any]) -> dict[str, Any]:
+    """The recipe a checkpoint payload was written with, as a dict of its fields.
+
+    Format 3 stores it (``"recipe"``); format 2 stored the whole configuration (``"config"``,
+    run options included) and the batch size beside it.
+    """
+    if "recipe" in payload:
+        return dict(payload["recipe"])
+    run_fields = {f.name for f in dataclasses.fields(RunOptions)}
+    saved = {k: v for k, v in dict(payload["config"]).items() if k not in run_fields}
+    saved["batch_size"] = payload.get("batch_size")
+    return saved
+
 
 #: TrainState fields one step changes (undone when the step does not complete).
 _STEP_FIELDS = (

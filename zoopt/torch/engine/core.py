@@ -17,14 +17,20 @@ exactly (up to rounding):
 
 ``explain()`` says, per parameter tensor, which path its queries take and what one query
 costs; ``stats`` counts them. See docs/engine.md.
+
+The engine is the coordinator of small parts with public interfaces: the
+:class:`~.planner.Planner` (graphs and their plans; rules from the
+:mod:`.registry`), the :class:`~.cache.ActivationCache` (the step's unperturbed values),
+the :class:`~.rng.RNGStore` (the unperturbed forward's random-generator states), the
+:class:`~.cost.CostModel` (``explain``'s estimates), and the :class:`~.context.EngineContext`
+it hands to every chunk of queries and through it to the rules.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,12 +41,16 @@ from torch.utils import _pytree as pytree
 from ..._coords import check_coords
 from ..params import ParamView, preserved_buffers
 from . import origins as org
-from .graph import EngineGraph, build_graph, placeholder_default
-from .ops import dropout_spec, is_random, out_of_place
-from .rules import Rule, batchnorm_forward, rule_for
+from .cache import ActivationCache
+from .context import EngineContext
+from .cost import CostModel
+from .graph import placeholder_default
+from .kernels import batchnorm_forward
+from .losses import LossFn, cast_for_loss, per_query_loss
+from .planner import Plan, Planner
+from .reference import naive_coordinate_values, naive_loop
+from .rng import RNGStore
 from .values import Chunk, Dense, SliceDelta, Value, query_value
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 #: Default cap (bytes) on the activations of one chunk of queries, by device type. The CPU
 #: value was picked by measurement (see docs/engine.md); the CUDA value is unmeasured.
@@ -48,26 +58,6 @@ DEFAULT_CHUNK_BYTES = {"cpu": 16 * 2**20, "cuda": 1024 * 2**20}
 
 #: Live copies of the widest activation per query a chunk needs at once (input, output, temp).
 _LIVE_FACTOR = 3
-
-#: Seed of the forwards that check a traced graph (they never touch the global generators).
-_CHECK_SEED = 20240229
-
-
-@dataclass
-class _Plan:
-    """Everything derived once per graph: rules, parameter uses and paths."""
-
-    graph: EngineGraph
-    uses: list[list[org.Use]]
-    paths: list[str]
-    rules: dict[fx.Node, tuple[Rule, str]]
-    callables: dict[fx.Node, Callable[..., Any]]
-    dropouts: dict[fx.Node, tuple[Callable[..., torch.Tensor], float]]
-    rng_nodes: set[fx.Node]
-    live_last_use: dict[fx.Node, int]  # last position a node with readers reads it
-    last_read: dict[fx.Node, int]  # last position any node reads it (the base forward)
-    keep: set[fx.Node]  # nodes whose unperturbed values rules read: cached every step
-    no_vmap: set[fx.Node] = field(default_factory=set)
 
 
 class SparseCGEEngine:
@@ -148,23 +138,21 @@ class SparseCGEEngine:
         if memory_format == "auto":
             memory_format = "channels_last" if device_type == "cpu" else "contiguous"
         self.memory_format = memory_format
-        self._loss_per_query = _per_query_loss(loss_fn)
+        self._loss_per_query = per_query_loss(loss_fn)
         self.loss_dtype = loss_dtype
         self.per_sample_modules = per_sample_modules
         self.values_dtype = loss_dtype or self.view.dtype
-        self._plans: dict[tuple, _Plan] = {}
-        self._plan: _Plan | None = None
+        #: the plans of this model, one per (modes, input shape, dtype)
+        self.planner = Planner(module, self.view, self.format_input, per_sample_modules)
+        #: the step's unperturbed activations (recomputed ones held up to a quarter chunk)
+        self.activations = ActivationCache(self._recompute, lambda: self.chunk_bytes // 4)
+        #: the generator states of the step's unperturbed forward
+        self.rng = RNGStore(self.view.device)
+        self._plan: Plan | None = None
+        self._context: EngineContext | None = None
         self._key: tuple | None = None
         self._x = torch.empty(0)
         self._buffers: list[torch.Tensor] = []
-        self._cache: dict[fx.Node, Any] = {}
-        self._meta: dict[fx.Node, Any] = {}
-        self._scratch: dict[fx.Node, Any] = {}  # recomputed values, least recently used first
-        self._scratch_bytes = 0
-        self.derived: dict[tuple, torch.Tensor] = {}
-        self.masks: dict[fx.Node, torch.Tensor] = {}
-        self.rng_states: dict[fx.Node, tuple] = {}
-        self._batch_size = 0
         self._warned: set[int] = set()
         self.stats = {
             "graph_builds": 0,  # op graphs built (once per modes and input shape)
@@ -212,7 +200,7 @@ class SparseCGEEngine:
                 out[torch.as_tensor(rows, device=out.device)] = self._group_values(
                     int(g), local, step, inputs, targets
                 )
-                self.derived.clear()  # per-layer helpers (padded inputs): one layer at a time
+                self.activations.derived.clear()  # per-layer helpers (padded inputs): one layer at a time
         return out
 
     @property
@@ -257,7 +245,7 @@ class SparseCGEEngine:
         forward (what a query that perturbs the parameters in place runs); buffers are
         unchanged afterwards."""
         with torch.no_grad(), preserved_buffers(self.module):
-            with self._memoized_black_boxes(inputs):
+            with self.planner.memoized_black_boxes(inputs):
                 plan = self._plan_for(inputs)
                 h = self.format_input(inputs.to(self.view.device))
                 out, _ = self._run_base(plan, h, None)
@@ -305,13 +293,13 @@ class SparseCGEEngine:
         rerun``, ``slow``, ``unused``), ``cost_per_query`` (estimated share of a forward's
         multiply-adds) and ``where`` (the graph nodes using it)."""
         plan = self._require_plan(inputs)
-        if self._plan is not plan or not self._meta:
+        if self._plan is not plan or not self.activations.meta:
             batch = inputs if inputs is not None else self._batch_refs[0]
             with torch.no_grad(), preserved_buffers(self.module):
                 h = self.format_input(batch.to(self.view.device))
-                self._meta = {}
+                self.activations.meta = {}
                 self._run_base(plan, h, {})  # for the activation shapes
-        costs = _CostModel(self, plan)
+        costs = CostModel(plan, self.activations.meta)
         rows = []
         for g, group in enumerate(self.view.groups):
             uses = plan.uses[g]
@@ -333,66 +321,21 @@ class SparseCGEEngine:
         """``"traced"``, ``"chain"`` or ``"opaque"`` for the current graph (None before any)."""
         return None if self._plan is None else self._plan.graph.kind
 
-    # -- graphs --------------------------------------------------------------------------
-    def _modes(self) -> tuple[bool, ...]:
-        return tuple(m.training for m in self.module.modules())
-
-    def _plan_for(self, inputs: torch.Tensor) -> _Plan:
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"inputs must be a torch tensor, got {type(inputs).__name__}")
-        key = (self._modes(), tuple(inputs.shape), inputs.dtype)
-        plan = self._plans.get(key)
-        if plan is None:
-            # in the layout of the base forward: a black box then sees the same inputs
-            example = self.format_input(inputs.to(self.view.device))
-            with torch.no_grad():
-                eg = build_graph(
-                    self.module, example, leaf_types=self.per_sample_modules, seed=_CHECK_SEED
-                )
-            plan = self._make_plan(eg)
-            self._plans[key] = plan
+    # -- plans -------------------------------------------------------------------------
+    def _plan_for(self, inputs: torch.Tensor) -> Plan:
+        """The plan for this batch's signature, made current (with its context)."""
+        plan, built = self.planner.plan_for(inputs)
+        if built:
             self.stats["graph_builds"] += 1
+        if plan is not self._plan or self._context is None:
+            self._context = EngineContext(
+                plan.graph, plan.no_vmap, self.activations, self.rng, self.stats,
+                self.memory_format,
+            )  # fmt: skip
         self._plan = plan
         return plan
 
-    def _make_plan(self, eg: EngineGraph) -> _Plan:
-        uses = org.locate(eg, self.view, self.module)
-        paths = [
-            org.path_of(eg, u, p, self.module) for u, p in zip(uses, self.view.params, strict=True)
-        ]
-        rules, callables, dropouts, rng_nodes = {}, {}, {}, set()
-        for node in eg.nodes:
-            if node.op not in ("call_module", "call_function", "call_method"):
-                continue
-            m = eg.modules.get(node)
-            rules[node] = rule_for(node, m, self.per_sample_modules)
-            fn = out_of_place(node, m)
-            if node in eg.opaque or is_random(node, m) or node.target in _RANDOM_LIKE:
-                # opaque code may write into its inputs; and random draws fill tensors in
-                # memory order, so a channels-last input would get other masks than eager
-                fn = _cloning(fn)
-            callables[node] = fn
-            spec = dropout_spec(node, m)
-            if spec is not None:
-                dropouts[node] = spec
-            elif (
-                node in eg.opaque
-                or is_random(node, m)
-                or rules[node][1] == "generic"
-                and (node.op == "call_module")
-            ):
-                rng_nodes.add(node)
-        live = {n for n in eg.nodes if n.users or n.op == "output"}
-        last_use = {
-            n: max((eg.position[u] for u in n.users if u in live), default=-1) for n in eg.nodes
-        }
-        last_read = {n: max((eg.position[u] for u in n.users), default=-1) for n in eg.nodes}
-        keep = _values_read(eg, rules, uses)
-        return _Plan(
-            eg, uses, paths, rules, callables, dropouts, rng_nodes, last_use, last_read, keep
-        )
-
-    def _require_plan(self, inputs: torch.Tensor | None) -> _Plan:
+    def _require_plan(self, inputs: torch.Tensor | None) -> Plan:
         if inputs is not None:
             return self._plan_for(inputs)
         if self._plan is None:
@@ -401,28 +344,25 @@ class SparseCGEEngine:
             )
         return self._plan
 
-    # -- the chunk interface (values.EngineContext: what chunks and rules see) ------------
     @property
-    def graph(self) -> EngineGraph:
-        """The op graph of the current plan (modes and input shape)."""
-        assert self._plan is not None
-        return self._plan.graph
-
-    @property
-    def no_vmap(self) -> set[fx.Node]:
-        """Nodes found not to run under ``torch.func.vmap``: run once per query instead."""
-        assert self._plan is not None
-        return self._plan.no_vmap
-
-    def module_of(self, node: fx.Node) -> nn.Module:
-        """The submodule a ``call_module`` node calls."""
-        return self.graph.modules[node]
+    def context(self) -> EngineContext:
+        """What chunks and rules see of the engine for the current plan (its graph, the
+        activation cache, the random-generator states, the counters)."""
+        if self._context is None:
+            raise ValueError("the engine has no plan yet: evaluate it on a batch first")
+        return self._context
 
     # -- cache ---------------------------------------------------------------------------
     def _key_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple:
         """What besides ``x`` and the buffers the cache depends on: the batch, the modes."""
         key = (id(inputs), inputs._version, id(targets), targets._version)
-        return key + self._modes()
+        return key + self.planner.modes()
+
+    def invalidate(self) -> None:
+        """Forget the cached forward: the next call runs (and caches) the unperturbed forward
+        again, as for a new step (benchmarks time the whole step this way)."""
+        self._key = None
+        self.activations.reset()
 
     def _is_cached(self, x: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> bool:
         """Is the cache valid for ``x``, this batch, these modes and running statistics?"""
@@ -449,7 +389,7 @@ class SparseCGEEngine:
         if not update_stats and self._is_cached(x, inputs, targets):
             return
         self._key = None
-        with self._memoized_black_boxes(inputs):
+        with self.planner.memoized_black_boxes(inputs):
             self._run_and_cache(x, inputs, targets, update_stats)
 
     def _run_and_cache(
@@ -458,21 +398,17 @@ class SparseCGEEngine:
         plan = self._plan_for(inputs)
         if not update_stats:  # buffers are restored by the caller: remember them as they are
             self._buffers = [b.clone() for b in self.module.buffers()]
-        self._cache = {}
-        self._meta = {}
-        self._scratch = {}
-        self._scratch_bytes = 0
-        self.derived = {}
-        self.masks = {}
-        self.rng_states = {}
+        self.activations.reset()
+        self.rng.clear()
         h = self.format_input(inputs.to(self.view.device))
-        self._batch_size = int(inputs.shape[0])
         self.stats["cache_builds"] += 1
-        self._rng_at_base = self._get_rng()  # full forwards, if any, draw what this one draws
-        out, self._cache = self._run_base(plan, h, self._cache, update_stats)
+        self.rng.at_base = self.rng.current()  # full forwards, if any, draw what this one draws
+        out, self.activations.values = self._run_base(
+            plan, h, self.activations.values, update_stats
+        )
         self._check_unchanged(x)
         self._base_loss = self._loss(out, targets)
-        self._cap_cache(plan)
+        self.activations.cap(self.max_cache_bytes)
         if self.chunk_bytes_option is None and self.view.device.type == "cpu":
             self.chunk_bytes = min(
                 DEFAULT_CHUNK_BYTES["cpu"], max(4 * 2**20, self.cache_bytes // 4)
@@ -496,29 +432,9 @@ class SparseCGEEngine:
                     "of forward)"
                 )
 
-    @contextlib.contextmanager
-    def _memoized_black_boxes(self, inputs: torch.Tensor) -> Iterator[None]:
-        """While a new graph is built and first run: each ``per_sample_modules`` instance
-        answers a repeated input from memory. Building a graph runs the model a few times on
-        the same batch; a black box (e.g. a paid API) is then asked once, not four times."""
-        key = (self._modes(), tuple(inputs.shape), inputs.dtype)
-        if not self.per_sample_modules or key in self._plans:
-            yield
-            return
-        patched = []
-        for m in self.module.modules():
-            if isinstance(m, self.per_sample_modules) and "forward" not in m.__dict__:
-                m.forward = _memoize(m.forward)  # type: ignore[method-assign]
-                patched.append(m)
-        try:
-            yield
-        finally:
-            for m in patched:
-                del m.forward
-
     def _run_base(
         self,
-        plan: _Plan,
+        plan: Plan,
         h: torch.Tensor,
         cache: dict[fx.Node, Any] | None,
         update_stats: bool = False,
@@ -545,26 +461,21 @@ class SparseCGEEngine:
                     # a mask drawn in the eager (contiguous) order, whatever the layout here
                     mask = spec[0](torch.ones_like(args[0], memory_format=torch.contiguous_format))
                     if cache is not None:
-                        self.masks[node] = mask
+                        self.activations.masks[node] = mask
                     env[node] = args[0] * mask
                 elif plan.rules[node][1] == "batchnorm" and len(args) == 1 and not kwargs:
                     env[node] = batchnorm_forward(m, args[0], update_stats)  # type: ignore[arg-type]
                 else:
                     if node in plan.rng_nodes and cache is not None:
-                        self.rng_states[node] = self._get_rng()
+                        self.rng.record(node)
                     env[node] = plan.callables[node](*args, **kwargs)
             if cache is not None:
-                value = env.get(node)
-                self._meta[node] = (
-                    torch.empty_like(value, device="meta")
-                    if isinstance(value, torch.Tensor)
-                    else value
-                )
+                self.activations.record_meta(node, env.get(node))
             self._free_base(plan, node, env, cache is not None)
         return out, env
 
     @staticmethod
-    def _free_base(plan: _Plan, node: fx.Node, env: dict[fx.Node, Any], caching: bool) -> None:
+    def _free_base(plan: Plan, node: fx.Node, env: dict[fx.Node, Any], caching: bool) -> None:
         """Drop values the rest of the forward no longer reads (and the queries do not)."""
         pos = plan.graph.position[node]
         for n in (*node.all_input_nodes, node):
@@ -581,37 +492,16 @@ class SparseCGEEngine:
         loss = self.loss_fn(*cast_for_loss(out, targets, self.loss_dtype))
         return torch.as_tensor(loss).reshape(())
 
-    def _suffix_widest(self, plan: _Plan) -> list[int]:
+    def _suffix_widest(self, plan: Plan) -> list[int]:
         """Per position: bytes of the largest activation at or after it."""
         widest, out = 0, [0] * len(plan.graph.nodes)
         for i in range(len(plan.graph.nodes) - 1, -1, -1):
-            v = self._meta.get(plan.graph.nodes[i])
+            v = self.activations.meta.get(plan.graph.nodes[i])
             tensors = [t for t in pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
             if tensors:  # a tensor, or a structured output (a ModelOutput's logits...)
                 widest = max(widest, sum(t.numel() * t.element_size() for t in tensors))
             out[i] = widest
         return out
-
-    def meta_of(self, node: fx.Node) -> Any:
-        """Shape, dtype and device of ``node``'s unperturbed value (``meta`` tensors)."""
-        return self._meta[node]
-
-    def unperturbed(self, node: fx.Node) -> Any:
-        """The unperturbed value of ``node``: cached, or recomputed from cached values."""
-        if node in self._cache:
-            return self._cache[node]
-        value = self._scratch.pop(node, None)
-        if value is None:
-            value = self._recompute(node)
-        self._scratch[node] = value  # most recently used last
-        if isinstance(value, torch.Tensor):
-            self._scratch_bytes += value.numel() * value.element_size()
-        while self._scratch_bytes > self.chunk_bytes // 4 and len(self._scratch) > 1:
-            old_node = next(iter(self._scratch))
-            old = self._scratch.pop(old_node)
-            if isinstance(old, torch.Tensor):
-                self._scratch_bytes -= old.numel() * old.element_size()
-        return value
 
     def _recompute(self, node: fx.Node) -> Any:
         plan = self._plan
@@ -622,87 +512,31 @@ class SparseCGEEngine:
             return eg.resolve(str(node.target))
         if node.op == "placeholder":  # extra inputs: their defaults (the input is cached)
             return placeholder_default(node)
-        args = fx.node.map_arg(node.args, self.unperturbed)
-        kwargs = fx.node.map_arg(node.kwargs, self.unperturbed)
+        unperturbed = self.activations.unperturbed
+        args = fx.node.map_arg(node.args, unperturbed)
+        kwargs = fx.node.map_arg(node.kwargs, unperturbed)
         if node in plan.dropouts:
-            return args[0] * self.masks[node]
+            return args[0] * self.activations.masks[node]
         m = eg.modules.get(node)
         if plan.rules[node][1] == "batchnorm" and len(args) == 1 and not kwargs:
             return batchnorm_forward(m, args[0], update=False)  # type: ignore[arg-type]
-        rng = self.rng_states.get(node)
-        with self.restorable_rng(rng is not None):
+        rng = self.rng.get(node)
+        with self.rng.restorable(rng is not None):
             if rng is not None:
-                self.set_rng(rng)
+                self.rng.set(rng)
             with preserved_buffers(m) if m is not None else contextlib.nullcontext():
                 return plan.callables[node](*args, **kwargs)
-
-    def _cap_cache(self, plan: _Plan) -> None:
-        """Evict cached activations, largest first, until they fit ``max_cache_bytes``."""
-        if self.max_cache_bytes is None:
-            return
-        sizes = _storage_bytes(self._cache)
-        total = sum(sizes.values())
-        candidates = sorted(
-            (
-                n
-                for n, v in self._cache.items()
-                if isinstance(v, torch.Tensor) and n.op != "placeholder"
-            ),
-            key=lambda n: -self._cache[n].numel() * self._cache[n].element_size(),
-        )
-        for n in candidates:
-            if total <= self.max_cache_bytes:
-                break
-            value = self._cache.pop(n)
-            key = value.untyped_storage().data_ptr()
-            if not any(
-                isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() == key
-                for v in self._cache.values()
-            ):
-                total -= sizes.get(key, 0)
 
     @property
     def cache_bytes(self) -> int:
         """Bytes of the cached unperturbed activations (shared storage counted once)."""
-        return sum(_storage_bytes(self._cache).values())
+        return self.activations.nbytes
 
     def format_input(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` in the engine's memory format (4-D tensors only)."""
         if self.memory_format == "channels_last" and t.ndim == 4:
             return t.contiguous(memory_format=torch.channels_last)
         return t
-
-    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        """An uninitialized ``(Q, *activation shape)`` tensor in the engine's layout."""
-        if self.memory_format == "channels_last" and len(shape) == 5:
-            flat = torch.empty(
-                (shape[0] * shape[1], *shape[2:]),
-                dtype=like.dtype,
-                device=like.device,
-                memory_format=torch.channels_last,
-            )
-            return flat.view(shape)
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
-
-    # -- random generators ---------------------------------------------------------------
-    def _get_rng(self) -> tuple:
-        cpu = torch.get_rng_state()
-        dev = self.view.device
-        cuda = torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None
-        return cpu, cuda
-
-    def set_rng(self, state: tuple) -> None:
-        """Set the generators (CPU and the device's) to a state from :attr:`rng_states`."""
-        torch.set_rng_state(state[0])
-        if state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.view.device)
-
-    def restorable_rng(self, active: bool) -> contextlib.AbstractContextManager:
-        """A context that restores the generators on exit (``active``; else does nothing)."""
-        if not active:
-            return contextlib.nullcontext()
-        dev = self.view.device
-        return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [])
 
     # -- queries -------------------------------------------------------------------------
     def _group_values(
@@ -749,7 +583,7 @@ class SparseCGEEngine:
 
     def _chunked(
         self,
-        plan: _Plan,
+        plan: Plan,
         g: int,
         path: str,
         uses: list[org.Use],
@@ -768,7 +602,7 @@ class SparseCGEEngine:
         for first in range(0, local.numel(), chunk):
             idx = local[first : first + chunk]
             new = flat[idx] + step  # perturbed values, rounded as the naive loop rounds them
-            ch = Chunk(self, idx.numel())
+            ch = Chunk(self.context, idx.numel())
             result = self._propagate(ch, plan, start, {u.node: u for u in uses}, param, idx, new)
             out.append(self._losses(ch, plan, result, targets))
             self.stats["chunks"] += 1
@@ -783,12 +617,13 @@ class SparseCGEEngine:
         targets: torch.Tensor,
     ) -> torch.Tensor:
         out = []
-        with self.restorable_rng(True):
+        assert self.rng.at_base is not None
+        with self.rng.restorable(True):
             for i in local.tolist():
-                self.set_rng(self._rng_at_base)
+                self.rng.set(self.rng.at_base)
                 one = torch.tensor([i], device=local.device)
                 out.append(
-                    _naive_loop(
+                    naive_loop(
                         self.module,
                         self.loss_fn,
                         param,
@@ -804,7 +639,7 @@ class SparseCGEEngine:
     def _propagate(
         self,
         ch: Chunk,
-        plan: _Plan,
+        plan: Plan,
         start: int,
         uses: dict[fx.Node, org.Use],
         param: torch.Tensor,
@@ -841,7 +676,7 @@ class SparseCGEEngine:
                     del env[n]
         raise RuntimeError("graph without output")  # pragma: no cover
 
-    def _losses(self, ch: Chunk, plan: _Plan, out_arg: Any, targets: torch.Tensor) -> torch.Tensor:
+    def _losses(self, ch: Chunk, plan: Plan, out_arg: Any, targets: torch.Tensor) -> torch.Tensor:
         if isinstance(out_arg, fx.Node):
             v = ch.env.get(out_arg)
             if v is None:
@@ -861,93 +696,6 @@ class SparseCGEEngine:
         )
 
 
-def _memoize(forward: Callable[..., Any]) -> Callable[..., Any]:
-    """``forward`` answering a call from memory when its tensor arguments equal an earlier
-    call's up to floating-point rounding (the graph checks run the model eagerly; the
-    engine's own forward rounds its BatchNorm slightly differently)."""
-    memory: list[tuple[tuple, Any]] = []
-
-    def close(x: Any, y: Any) -> bool:
-        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
-                return False
-            if not x.is_floating_point():
-                return torch.equal(x, y)
-            tol = (
-                64 * torch.finfo(x.dtype).eps * max(1.0, float(y.abs().max()) if y.numel() else 0.0)
-            )
-            return bool((x - y).abs().max() <= tol) if x.numel() else True
-        return not isinstance(x, torch.Tensor) and not isinstance(y, torch.Tensor) and x == y
-
-    def call(*args: Any) -> Any:
-        for old, out in memory:
-            if len(old) == len(args) and all(close(a, b) for a, b in zip(args, old, strict=True)):
-                return out.clone() if isinstance(out, torch.Tensor) else out
-        out = forward(*args)
-        memory.append((tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args), out))
-        return out
-
-    return call
-
-
-def _storage_bytes(values: dict[fx.Node, Any]) -> dict[int, int]:
-    out: dict[int, int] = {}
-    for v in values.values():
-        if isinstance(v, torch.Tensor) and v.device.type != "meta":
-            storage = v.untyped_storage()
-            out[storage.data_ptr()] = storage.nbytes()
-    return out
-
-
-#: Rules that read the unperturbed value of their first input (not only its shape).
-_READS_INPUT = frozenset(
-    {"conv", "linear", "layernorm", "per-sample", "generic", "random", "attention"}
-)
-#: Modules whose origin rule reads their unperturbed output.
-_READS_OUTPUT = frozenset({"conv", "linear"})
-
-
-def _values_read(
-    eg: EngineGraph, rules: dict[fx.Node, tuple[Rule, str]], uses: list[list[org.Use]]
-) -> set[fx.Node]:
-    """Nodes whose unperturbed values the queries read; the others are recomputed on the
-    rare occasions they are needed (e.g. the BatchNorm output an in-place ReLU overwrites)."""
-    keep = {eg.input}
-    out_arg = eg.output.args[0]
-    fx.node.map_arg(out_arg, keep.add)
-    for node, (_, kind) in rules.items():
-        tensors = node.all_input_nodes
-        if kind in _READS_INPUT or len(tensors) > 1:
-            keep.update(tensors)
-        if kind in _READS_OUTPUT:
-            keep.add(node)
-    for group in uses:
-        for u in group:
-            if u.node.op == "call_module":
-                keep.update(u.node.all_input_nodes)  # origins read their module's input
-                if rules[u.node][1] in _READS_OUTPUT or isinstance(
-                    eg.modules[u.node], nn.GroupNorm | nn.LayerNorm
-                ):
-                    keep.add(u.node)
-    return keep
-
-
-_RANDOM_LIKE = (torch.rand_like, torch.randn_like, torch.randint_like)
-
-
-def _cloning(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` on contiguous copies of its tensor arguments."""
-
-    def call(*args: Any, **kwargs: Any) -> Any:
-        args = tuple(
-            a.clone(memory_format=torch.contiguous_format) if isinstance(a, torch.Tensor) else a
-            for a in args
-        )
-        return fn(*args, **kwargs)
-
-    return call
-
-
 def _node_label(node: fx.Node, prefix: str = "") -> str:
     if node.op in ("call_module", "get_attr"):
         target = str(node.target)
@@ -955,233 +703,6 @@ def _node_label(node: fx.Node, prefix: str = "") -> str:
             target = ""
         return target.removeprefix(prefix) or "<model>"
     return node.name
-
-
-# ----------------------------------------------------------------------------------------
-# Cost estimates for explain()
-_LOCAL_KINDS = frozenset(
-    {"elementwise", "batchnorm", "pool", "identity", "reshape", "permute", "index", "pad",
-     "cat", "dropout", "arithmetic", "reduce", "shape", "split"}
-)  # fmt: skip
-
-
-class _CostModel:
-    """Multiply-adds per node from the cached shapes, and per query for each path."""
-
-    def __init__(self, engine: SparseCGEEngine, plan: _Plan):
-        self.engine = engine
-        self.plan = plan
-        self.macs = {n: _macs(n, plan.graph, engine._meta) for n in plan.graph.nodes}
-        self.full = max(1.0, float(sum(self.macs.values())))
-
-    def per_query(self, path: str, uses: list[org.Use]) -> float:
-        if path == org.UNUSED:
-            return 0.0
-        if path == org.SLOW:
-            return 1.0
-        eg = self.plan.graph
-        state: dict[fx.Node, str] = {}
-        cost = 0.0
-        for u in uses:
-            kind = self.plan.rules.get(u.node, (None, ""))[1]
-            if path == org.FAST and kind in ("conv", "batchnorm", "linear", "layernorm"):
-                state[u.node] = "local"  # one channel / feature: no multiply-adds to speak of
-            else:
-                state[u.node] = "dense"
-                cost += self.macs[u.node]
-        start = min(eg.position[u.node] for u in uses)
-        for node in eg.nodes[start:]:
-            if node in state or node.op in ("placeholder", "get_attr", "output"):
-                continue
-            ins = [state[n] for n in node.all_input_nodes if n in state]
-            if not ins:
-                continue
-            kind = self.plan.rules[node][1]
-            if kind in ("conv", "linear") and all(s == "local" for s in ins):
-                cost += self.macs[node] / max(1, _in_channels(node, eg))
-                state[node] = "dense"
-            elif kind in _LOCAL_KINDS and all(s == "local" for s in ins):
-                state[node] = "local"
-            else:
-                cost += self.macs[node]
-                state[node] = "dense"
-        return min(1.0, cost / self.full)
-
-
-def _in_channels(node: fx.Node, eg: EngineGraph) -> int:
-    m = eg.modules.get(node)
-    if isinstance(m, nn.Conv2d):
-        return max(1, m.in_channels)
-    if isinstance(m, nn.Linear):
-        return max(1, m.in_features)
-    return 1
-
-
-def _macs(node: fx.Node, eg: EngineGraph, cache: dict[fx.Node, Any]) -> float:
-    out = cache.get(node)
-    if not isinstance(out, torch.Tensor):
-        return 0.0
-    m = eg.modules.get(node)
-    if isinstance(m, nn.modules.conv._ConvNd):
-        k = 1
-        for s in m.kernel_size:
-            k *= s
-        return float(out.numel()) * (m.in_channels // m.groups) * k
-    if isinstance(m, nn.Linear):
-        return float(out.numel()) * m.in_features
-    if (
-        node.op == "call_function"
-        and node.target in (torch.matmul, torch.bmm)
-        or (node.op == "call_function" and getattr(node.target, "__name__", "") == "matmul")
-    ):
-        a = cache.get(node.args[0])
-        return float(out.numel()) * (a.shape[-1] if isinstance(a, torch.Tensor) else 1)
-    if (
-        node.op == "call_function"
-        and node.target is torch.nn.functional.scaled_dot_product_attention
-    ):
-        qv, kv = cache.get(node.args[0]), cache.get(node.args[1])
-        if isinstance(qv, torch.Tensor) and isinstance(kv, torch.Tensor):
-            return 2.0 * qv.numel() * kv.shape[-2]
-    if isinstance(m, nn.MultiheadAttention):
-        e = m.embed_dim
-        return 4.0 * out.numel() * e + 2.0 * out.numel() * out.shape[-2]
-    return 0.0
-
-
-# ----------------------------------------------------------------------------------------
-# Per-query losses
-def cast_for_loss(output: Any, targets: Any, loss_dtype: torch.dtype | None) -> tuple[Any, Any]:
-    """The model's output and the targets with every floating tensor in ``loss_dtype``
-    (``None``: unchanged); integer tensors and everything else as they are.
-
-    The output keeps its structure and type: a tensor, a tuple, a dict or a Hugging Face
-    ``ModelOutput`` (anything ``torch.utils._pytree`` flattens; other objects pass through
-    untouched). CGE divides loss differences of size ``mu * |g|`` by ``mu``; reducing the
-    loss in float64 keeps the final batch mean from rounding them to float32 resolution.
-    """
-    if loss_dtype is None:
-        return output, targets
-    return _cast_tree(output, loss_dtype), _cast_tree(targets, loss_dtype)
-
-
-def _cast_tree(value: Any, dtype: torch.dtype) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(dtype) if value.is_floating_point() else value
-    return pytree.tree_map(
-        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
-        value,
-    )
-
-
-def _per_query_loss(loss_fn: LossFn) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """``(logits (Q*B, ...), targets (B, ...), Q) -> (Q,)`` losses, each a batch mean.
-
-    Cross-entropy (``F.cross_entropy`` or an unweighted mean ``nn.CrossEntropyLoss``) runs
-    once for all queries; any other loss is called once per query.
-    """
-    ce_kwargs: dict[str, Any] | None = None
-    ignore_index = -100
-    if loss_fn is torch.nn.functional.cross_entropy:
-        ce_kwargs = {}
-    elif (
-        isinstance(loss_fn, nn.CrossEntropyLoss)
-        and loss_fn.weight is None
-        and loss_fn.reduction == "mean"
-    ):
-        ce_kwargs = {"label_smoothing": loss_fn.label_smoothing}
-        ignore_index = loss_fn.ignore_index
-
-    def looped(logits: torch.Tensor, targets: torch.Tensor, q: int) -> torch.Tensor:
-        b = logits.shape[0] // q
-        return torch.stack(
-            [loss_fn(logits[i * b : (i + 1) * b], targets).reshape(()) for i in range(q)]
-        )
-
-    if ce_kwargs is None:
-        return looped
-
-    def vectorized(logits: torch.Tensor, targets: torch.Tensor, q: int) -> torch.Tensor:
-        if not targets.is_floating_point() and bool((targets == ignore_index).any()):
-            return looped(logits, targets, q)  # ignored samples change the mean's denominator
-        reps = (q,) + (1,) * (targets.ndim - 1)
-        per_sample = torch.nn.functional.cross_entropy(
-            logits, targets.repeat(reps), reduction="none", **ce_kwargs
-        )
-        return per_sample.view(q, -1).mean(1)
-
-    return vectorized
-
-
-# ----------------------------------------------------------------------------------------
-# The reference
-def _naive_loop(
-    module: nn.Module,
-    loss_fn: LossFn,
-    param: torch.Tensor,
-    local: torch.Tensor,
-    step: float,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    loss_dtype: torch.dtype | None,
-) -> torch.Tensor:
-    """Perturb ``param.view(-1)[i]`` in place for each ``i`` in ``local``; full forward each."""
-    flat = param.view(-1)
-    out = []
-    for i in local.tolist():
-        old = flat[i].clone()
-        flat[i] = old + step
-        try:
-            logits = module(inputs)
-            out.append(loss_fn(*cast_for_loss(logits, targets, loss_dtype)).reshape(()))
-        finally:
-            flat[i] = old
-    return torch.stack(out)
-
-
-@contextlib.contextmanager
-def _maybe_seeded(seed: int | None, device: torch.device) -> Iterator[None]:
-    if seed is None:
-        yield
-        return
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def naive_coordinate_values(
-    module: nn.Module,
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    coords: Sequence[int] | np.ndarray | torch.Tensor,
-    step: float,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    *,
-    loss_dtype: torch.dtype | None = torch.float64,
-    seed: int | None = None,
-) -> torch.Tensor:
-    """Reference: for each coordinate, perturb it in place and run the full forward.
-
-    Returns ``(k,)`` losses (``loss_dtype``, see :func:`cast_for_loss`). Parameters and
-    buffers are restored afterwards; BatchNorm in training mode uses the batch statistics.
-    ``seed``: run every forward with torch's generators seeded to it (the same dropout masks
-    in every forward; the generators are restored afterwards).
-    """
-    view = ParamView(module)
-    coords_np = check_coords(coords, view.dim)
-    out = torch.empty(coords_np.shape[0], dtype=loss_dtype or view.dtype, device=view.device)
-    with torch.no_grad(), preserved_buffers(module), view.loaded(view.check_flat(x, "x")):
-        which = view.group_index(coords_np)
-        for k, c in enumerate(coords_np.tolist()):
-            g = int(which[k])
-            local = torch.tensor([c - view.groups[g].start])
-            with _maybe_seeded(seed, view.device):
-                out[k] = _naive_loop(
-                    module, loss_fn, view.params[g], local, step, inputs, targets, loss_dtype
-                )[0]
-    return out
 
 
 __all__ = [

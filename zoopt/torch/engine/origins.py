@@ -26,14 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .rules import (
-    bn_channels,
-    conv_spec,
-    gather,
-    no_running_stat_updates,
-    standard,
-    vmap_values,
-)
+from .kernels import bn_channels, gather, no_running_stat_updates, standard, vmap_values
+from .rules import conv_spec
 from .values import Chunk, Dense, SliceDelta, Value, query_value, stack_queries
 
 if TYPE_CHECKING:
@@ -113,24 +107,24 @@ def origin_value(
     ch: Chunk, use: Use, param: torch.Tensor, idx: torch.Tensor, new: torch.Tensor
 ) -> Value:
     """The value of ``use.node`` with ``param.view(-1)[idx[q]] = new[q]`` for each query."""
-    engine = ch.engine
+    ctx = ch.context
     node = use.node
     eff = new - param.view(-1)[idx]  # the step actually taken in this dtype
     if node.op == "get_attr":
         return Dense(_perturbed_copies(param, idx, new))
-    m = engine.module_of(node)
-    if _fast_module(engine.graph, use):
+    m = ctx.module_of(node)
+    if _fast_module(ctx.graph, use):
         value = _fast_origin(ch, node, m, use.attr, param, idx, eff, new)
         if value is not None:
             return value
-    if node not in engine.no_vmap:
+    if node not in ctx.no_vmap:
         try:
             value = _vmapped_module(ch, node, m, use.attr, param, idx, new)
         except Exception:  # noqa: BLE001 - vmap cannot run this module: rerun it per query
-            engine.no_vmap.add(node)
+            ctx.no_vmap.add(node)
         else:
             return value
-    engine.stats["module_rerun_queries"] += idx.numel()
+    ctx.stats["module_rerun_queries"] += idx.numel()
     return _rerun_module(ch, node, m, param, idx, new)
 
 
@@ -139,12 +133,12 @@ def joint_value(
 ) -> Value:
     """The value of ``use.node`` when both the parameter and some of its inputs changed
     (a parameter used twice, the second use downstream of the first)."""
-    engine = ch.engine
+    ctx = ch.context
     node = use.node
-    m = engine.module_of(node)
+    m = ctx.module_of(node)
     changed = [n for n in node.all_input_nodes if ch.env.get(n) is not None]
     copies = _perturbed_copies(param, idx, new)
-    if node not in engine.no_vmap:
+    if node not in ctx.no_vmap:
         tensors = [ch.dense(ch.env[n], n) for n in changed]
 
         def call(p: torch.Tensor, *ts: torch.Tensor) -> Any:
@@ -161,7 +155,7 @@ def joint_value(
             with no_running_stat_updates(m):
                 value = vmap_values(call, copies, *tensors)
         except Exception:  # noqa: BLE001 - vmap cannot run this module: loop below
-            engine.no_vmap.add(node)
+            ctx.no_vmap.add(node)
         else:
             return value
     flat = param.view(-1)
@@ -280,7 +274,7 @@ def _last_dim_update(
 
 
 def _normalized(ch: Chunk, node: fx.Node, fn: Any) -> torch.Tensor:
-    cache = ch.engine.derived
+    cache = ch.context.derived
     key = (node, "normalized")
     if key not in cache:
         cache[key] = fn(ch.cached(node.args[0]))
@@ -291,7 +285,7 @@ def _shifted_input(
     ch: Chunk, node: fx.Node, spec: Any, ci: np.ndarray, kh: np.ndarray, kw: np.ndarray
 ) -> torch.Tensor:
     """``padded_input[:, ci, kh·dh + sh·i, kw·dw + sw·j]``: ``(N, Q, Ho, Wo)``."""
-    cache = ch.engine.derived
+    cache = ch.context.derived
     key = (node, "padded")
     if key not in cache:
         cache[key] = spec.padded(ch.cached(node.args[0]))
@@ -318,7 +312,7 @@ def _vmapped_module(
     copies = _perturbed_copies(param, idx, new)
     args = fx.node.map_arg(node.args, ch.cached)
     kwargs = fx.node.map_arg(node.kwargs, ch.cached)
-    if node in ch.engine.graph.opaque:
+    if node in ch.context.graph.opaque:
         args = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
 
     def call(p: torch.Tensor) -> Any:
@@ -337,12 +331,12 @@ def _rerun_module(
     new: torch.Tensor,
 ) -> Value:
     """Set each coordinate in place and rerun the module on its cached inputs, per query."""
-    engine = ch.engine
+    ctx = ch.context
     flat = param.view(-1)
     buffers = [(b, b.clone()) for b in m.buffers()]
-    rng = engine.rng_states.get(node)
+    rng = ctx.rng_state(node)
     outs = []
-    with engine.restorable_rng(rng is not None):
+    with ctx.restorable_rng(rng is not None):
         for i, v in zip(idx.tolist(), new.tolist(), strict=True):
             old = flat[i].clone()
             flat[i] = v
@@ -350,7 +344,7 @@ def _rerun_module(
                 for b, saved in buffers:
                     b.copy_(saved)
                 if rng is not None:
-                    engine.set_rng(rng)
+                    ctx.set_rng(rng)
                 args = fx.node.map_arg(node.args, ch.cached)
                 args = tuple(
                     a.clone(memory_format=torch.contiguous_format)

@@ -2,6 +2,7 @@
 
 A rule is ``rule(chunk, node) -> Value``; it reads its inputs' values from ``chunk.env``
 (``None``: unchanged, the cached activation) and cached activations from ``chunk.cached``.
+Which rule an op gets is decided in :mod:`.registry` (where users add their own).
 
 * Slice-local ops keep a :class:`SliceDelta` one slice wide: elementwise ops, residual adds,
   concatenation, slicing and padding along other axes, permutes, and, for a channel (axis
@@ -20,10 +21,7 @@ A rule is ``rule(chunk, node) -> Value``; it reads its inputs' values from ``chu
 
 from __future__ import annotations
 
-import contextlib
-import operator
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .ops import dropout_spec, is_random, is_shape_only, out_of_place
+from .kernels import (
+    bn_channels,
+    bn_per_query,
+    bn_training,
+    flat_queries,
+    gather,
+    no_running_stat_updates,
+    standard,
+    unflat_queries,
+    vmap_values,
+)
+from .ops import is_random, out_of_place
 from .values import (
     Chunk,
     Dense,
@@ -56,15 +65,6 @@ def _arg(node: fx.Node, i: int, name: str, default: Any = None) -> Any:
 def _only_first_changes(ch: Chunk, node: fx.Node) -> bool:
     first = node.args[0] if node.args else None
     return all(ch.env.get(n) is None for n in node.all_input_nodes if n is not first)
-
-
-def _flat(values: torch.Tensor) -> torch.Tensor:
-    """``(Q, N, ...)`` -> ``(Q * N, ...)`` (a view for the layouts the engine creates)."""
-    return values.flatten(0, 1)
-
-
-def _unflat(t: torch.Tensor, q: int) -> torch.Tensor:
-    return t.unflatten(0, (q, t.shape[0] // q))
 
 
 def _part(other: Any, out_shape: tuple[int, ...], v: SliceDelta) -> Any:
@@ -117,7 +117,7 @@ def elementwise(fn: Callable[..., torch.Tensor], inplace: Callable[..., Any] | N
 
 
 def rule_elementwise_module(ch: Chunk, node: fx.Node) -> Value:
-    m = ch.engine.module_of(node)
+    m = ch.context.module_of(node)
     v = ch.env.get(node.args[0])
     if not isinstance(v, SliceDelta | Dense):
         return rule_generic(ch, node)
@@ -134,35 +134,6 @@ def rule_elementwise_module(ch: Chunk, node: fx.Node) -> Value:
 
 # ----------------------------------------------------------------------------------------
 # binary arithmetic (residual adds, gating, scaling)
-_BINARY_FUNCTIONS: dict[Any, tuple[Callable[..., torch.Tensor], bool]] = {
-    operator.add: (torch.add, False),
-    operator.sub: (torch.sub, False),
-    operator.mul: (torch.mul, False),
-    operator.truediv: (torch.div, False),
-    operator.iadd: (torch.add, False),
-    operator.isub: (torch.sub, False),
-    operator.imul: (torch.mul, False),
-    operator.itruediv: (torch.div, False),
-    torch.add: (torch.add, False),
-    torch.sub: (torch.sub, False),
-    torch.mul: (torch.mul, False),
-    torch.div: (torch.div, False),
-    torch.maximum: (torch.maximum, False),
-    torch.minimum: (torch.minimum, False),
-}
-_BINARY_METHODS: dict[str, tuple[Callable[..., torch.Tensor], bool]] = {
-    "add": (torch.add, False), "add_": (torch.add, False), "__add__": (torch.add, False),
-    "__iadd__": (torch.add, False), "__radd__": (torch.add, True),
-    "sub": (torch.sub, False), "sub_": (torch.sub, False), "__sub__": (torch.sub, False),
-    "__isub__": (torch.sub, False), "__rsub__": (torch.sub, True),
-    "mul": (torch.mul, False), "mul_": (torch.mul, False), "__mul__": (torch.mul, False),
-    "__imul__": (torch.mul, False), "__rmul__": (torch.mul, True),
-    "div": (torch.div, False), "div_": (torch.div, False), "__truediv__": (torch.div, False),
-    "__itruediv__": (torch.div, False), "__rtruediv__": (torch.div, True),
-    "maximum": (torch.maximum, False), "minimum": (torch.minimum, False),
-}  # fmt: skip
-
-
 def _shape(ch: Chunk, arg: Any) -> tuple[int, ...]:
     v = ch.meta(arg)
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
@@ -269,7 +240,7 @@ def _explicit_padding(
 def conv_spec(ch: Chunk, node: fx.Node) -> ConvSpec | None:
     """The conv of a ``Conv2d`` module node or an ``F.conv2d`` call (unchanged weights)."""
     if node.op == "call_module":
-        m = ch.engine.module_of(node)
+        m = ch.context.module_of(node)
         if not standard(m, nn.Conv2d):
             return None
         kernel, dilation = _pair(m.kernel_size), _pair(m.dilation)
@@ -303,7 +274,7 @@ def rule_conv(ch: Chunk, node: fx.Node) -> Value:
         return rule_generic(ch, node)
     if not isinstance(v, SliceDelta) or v.axis != 1:
         x = ch.dense(v, node.args[0])
-        return Dense(_unflat(spec(_flat(x)), ch.Q))
+        return Dense(unflat_queries(spec(flat_queries(x)), ch.Q))
     base_in = ch.cached(node.args[0])
     base_out = ch.cached(node)
     # conv(base + delta) = conv(base) + conv_without_bias(delta); each query's delta lives in
@@ -326,12 +297,12 @@ def one_channel_conv(
     per_group_out = c_out // spec.groups
     padded = spec.padded(delta)
     if spec.groups == 1:
-        if ch.engine.memory_format == "channels_last":
+        if ch.context.memory_format == "channels_last":
             return Dense(_taps_matmul(ch, spec, padded, channels, base_out))
         weight = w[:, channels].transpose(0, 1).reshape(q * c_out, 1, kh, kw)
         contrib = F.conv2d(padded, weight, None, spec.stride, 0, spec.dilation, groups=q)
         n, _, ho, wo = contrib.shape
-        out = ch.engine.empty((q, *base_out.shape), base_out)
+        out = ch.context.empty((q, *base_out.shape), base_out)
         torch.add(contrib.view(n, q, c_out, ho, wo).transpose(0, 1), base_out.unsqueeze(0), out=out)
         return Dense(out)
     group = torch.div(channels, per_group_in, rounding_mode="floor")
@@ -345,7 +316,7 @@ def one_channel_conv(
         oc = out_idx[:, 0]
         return SliceDelta(oc, base_out[:, oc] + contrib)
     n, _, ho, wo = contrib.shape
-    out = ch.engine.empty((q, *base_out.shape), base_out)
+    out = ch.context.empty((q, *base_out.shape), base_out)
     out.copy_(base_out.unsqueeze(0).expand_as(out))
     rows = torch.arange(q, device=w.device)[:, None]
     out[rows, :, out_idx] += contrib.view(n, q, per_group_out, ho, wo).permute(1, 2, 0, 3, 4)
@@ -382,7 +353,7 @@ def _taps_matmul(
 # linear
 def _linear_params(ch: Chunk, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if node.op == "call_module":
-        m = ch.engine.module_of(node)
+        m = ch.context.module_of(node)
         return m.weight, m.bias
     if not _only_first_changes(ch, node):
         return None
@@ -412,116 +383,8 @@ def rule_linear(ch: Chunk, node: fx.Node) -> Value:
 
 # ----------------------------------------------------------------------------------------
 # normalization
-def bn_training(m: nn.modules.batchnorm._BatchNorm) -> bool:
-    return m.training or (m.running_mean is None and m.running_var is None)
-
-
-def _two_pass(
-    x: torch.Tensor,
-    dims: tuple[int, ...],
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    shape: tuple[int, ...],
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps) * weight + bias`` with mean and (biased) variance over
-    ``dims``, variance from the centred values; ``shape`` broadcasts weight and bias."""
-    mean = x.mean(dims, keepdim=True)
-    var = (x - mean).square_().mean(dims, keepdim=True)
-    scale = torch.rsqrt(var.add_(eps))
-    if weight is not None:
-        scale = scale * weight.view(shape)
-    shift = -mean * scale if bias is None else bias.view(shape) - mean * scale
-    return torch.addcmul(shift, x, scale, out=out)
-
-
-def bn_batch_statistics(
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    eps: float,
-    overwrite: bool = False,
-) -> torch.Tensor:
-    """Training-mode BatchNorm of ``x`` = ``(N, C, *rest)``, statistics over all dims but 1.
-
-    The engine computes every training-mode BatchNorm with this one two-pass formula (the
-    unperturbed forward, changed channels and dense queries alike), so that the rounding of
-    ``f(x + mu e)`` and of ``f(x)`` is alike and cancels in their difference. For layouts
-    with channels innermost (channels-last 4-D, plain 2-D) it runs on the ``(N·H·W, C)``
-    view: torch's own channels-last CPU kernel computes the variance with a much larger
-    rounding error (1e-5 relative for inputs whose mean is a few standard deviations).
-    """
-    c = x.shape[1]
-    if x.stride(1) == 1 and x.ndim >= 2:
-        xl = x.movedim(1, -1)  # (N, *spatial, C), contiguous
-        x2 = xl.reshape(-1, c)
-        out = _two_pass(x2, (0,), weight, bias, eps, (1, c), out=x2 if overwrite else None)
-        return out.view(xl.shape).movedim(-1, 1)
-    dims = (0, *range(2, x.ndim))
-    return _two_pass(x, dims, weight, bias, eps, (1, c) + (1,) * (x.ndim - 2))
-
-
-def bn_channels(
-    m: nn.modules.batchnorm._BatchNorm,
-    x: torch.Tensor,
-    channels: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """BatchNorm of ``x`` = ``(N, Q, *rest)`` whose channel ``q`` is channel ``channels[q]``.
-
-    Training mode: each of the Q channels gets its own batch statistics, exactly as the
-    per-query forward computes them for that channel.
-    """
-    if bn_training(m):
-        return bn_batch_statistics(x.contiguous(), weight, bias, m.eps)
-    return F.batch_norm(
-        x, m.running_mean[channels], m.running_var[channels], weight, bias, False, 0.0, m.eps
-    )
-
-
-def gather(p: torch.Tensor | None, channels: torch.Tensor) -> torch.Tensor | None:
-    return None if p is None else p[channels]
-
-
-def bn_per_query(
-    m: nn.modules.batchnorm._BatchNorm, values: torch.Tensor, overwrite: bool
-) -> torch.Tensor:
-    """Training-mode BatchNorm of ``values`` = ``(Q, N, C, *rest)``, statistics per query
-    (:func:`bn_batch_statistics` for each query, vectorized)."""
-    q, c = values.shape[0], values.shape[2]
-    weight, bias = m.weight, m.bias
-    flat = _flat(values)
-    if flat.stride(1) == 1:
-        xl = flat.movedim(1, -1)  # (Q*N, *spatial, C), contiguous
-        x3 = xl.reshape(q, -1, c)
-        inplace = overwrite and x3.data_ptr() == flat.data_ptr()
-        out = _two_pass(x3, (1,), weight, bias, m.eps, (1, 1, c), out=x3 if inplace else None)
-        return _unflat(out.view(xl.shape).movedim(-1, 1), q)
-    dims = (1, *range(3, values.ndim))
-    return _two_pass(values, dims, weight, bias, m.eps, (1, 1, c) + (1,) * (values.ndim - 3))
-
-
-def batchnorm_forward(
-    m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor, update: bool
-) -> torch.Tensor:
-    """The engine's unperturbed BatchNorm: the two-pass formula in training mode (running
-    statistics updated by the module itself when ``update``), the module in eval mode."""
-    if not bn_training(m) or x.ndim < 2:
-        return m(x)
-    if update and m.training and m.track_running_stats:
-        m(x.contiguous())  # for its running statistics (and num_batches_tracked) alone
-    return bn_batch_statistics(x, m.weight, m.bias, m.eps)
-
-
-def standard(m: nn.Module, cls: type[nn.Module]) -> bool:
-    """Is ``m`` a ``cls`` whose forward is ``cls``'s own (not overridden by a subclass)?"""
-    return isinstance(m, cls) and type(m).forward is cls.forward
-
-
 def rule_batchnorm(ch: Chunk, node: fx.Node) -> Value:
-    m = ch.engine.module_of(node)
+    m = ch.context.module_of(node)
     v = ch.env.get(node.args[0])
     if _channels(v):
         w, b = gather(m.weight, v.index), gather(m.bias, v.index)
@@ -532,9 +395,16 @@ def rule_batchnorm(ch: Chunk, node: fx.Node) -> Value:
         return rule_generic(ch, node)
     if not bn_training(m):
         out = F.batch_norm(
-            _flat(v.values), m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps
+            flat_queries(v.values),
+            m.running_mean,
+            m.running_var,
+            m.weight,
+            m.bias,
+            False,
+            0.0,
+            m.eps,
         )
-        return Dense(_unflat(out, ch.Q))
+        return Dense(unflat_queries(out, ch.Q))
     return Dense(bn_per_query(m, v.values, overwrite=ch.exclusive(node.args[0])))
 
 
@@ -545,8 +415,8 @@ def rule_layer_norm(ch: Chunk, node: fx.Node) -> Value:
     if not _only_first_changes(ch, node) or not isinstance(v, SliceDelta | Dense):
         return rule_generic(ch, node)
     if node.op == "call_module":
-        fn: Callable[..., Any] = ch.engine.module_of(node)
-        normalized = len(ch.engine.module_of(node).normalized_shape)
+        fn: Callable[..., Any] = ch.context.module_of(node)
+        normalized = len(ch.context.module_of(node).normalized_shape)
         rest: list[Any] = []
         kwargs: dict[str, Any] = {}
     else:
@@ -575,7 +445,7 @@ def rule_per_sample(ch: Chunk, node: fx.Node) -> Value:
     ):
         return rule_generic(ch, node)
     x = ch.dense(v, node.args[0])
-    return Dense(_unflat(ch.engine.module_of(node)(_flat(x)), ch.Q))
+    return Dense(unflat_queries(ch.context.module_of(node)(flat_queries(x)), ch.Q))
 
 
 # ----------------------------------------------------------------------------------------
@@ -588,7 +458,7 @@ def rule_pool(ch: Chunk, node: fx.Node) -> Value:
     if isinstance(v, SliceDelta) and v.axis != 1:
         v = Dense(ch.dense(v, node.args[0]))
     if node.op == "call_module":
-        m = ch.engine.module_of(node)
+        m = ch.context.module_of(node)
         fn: Callable[..., Any] = m
         rest: list[Any] = []
         kwargs: dict[str, Any] = {}
@@ -598,10 +468,7 @@ def rule_pool(ch: Chunk, node: fx.Node) -> Value:
         kwargs = {k: ch.cached(a) for k, a in node.kwargs.items()}
     if isinstance(v, SliceDelta):
         return SliceDelta(v.index, fn(v.values, *rest, **kwargs))
-    return Dense(_unflat(fn(_flat(v.values), *rest, **kwargs), ch.Q))
-
-
-_REDUCTIONS = {"mean", "sum", "amax", "amin"}
+    return Dense(unflat_queries(fn(flat_queries(v.values), *rest, **kwargs), ch.Q))
 
 
 def rule_reduce(ch: Chunk, node: fx.Node) -> Value:
@@ -763,7 +630,7 @@ def rule_pad(ch: Chunk, node: fx.Node) -> Value:
     x = ch.dense(v, node.args[0])
     if mode == "constant" and k <= nd:
         return Dense(F.pad(x, pad, mode, value))
-    return Dense(_unflat(F.pad(_flat(x), pad, mode, value), ch.Q))
+    return Dense(unflat_queries(F.pad(flat_queries(x), pad, mode, value), ch.Q))
 
 
 def rule_cat(ch: Chunk, node: fx.Node) -> Value:
@@ -832,13 +699,13 @@ def rule_sdpa(ch: Chunk, node: fx.Node) -> Value:
         # (Q, B, H, N, d) -> (Q·B, H, N, d): the fused kernels take 4-D inputs
         flat = [p.reshape(-1, *p.shape[2:]) for p in parts]
         out = F.scaled_dot_product_attention(*flat, attn_mask=mask, is_causal=causal, **extra)
-        return Dense(_unflat(out, ch.Q))
+        return Dense(unflat_queries(out, ch.Q))
     return Dense(F.scaled_dot_product_attention(*parts, attn_mask=mask, is_causal=causal, **extra))
 
 
 def rule_multihead_attention(ch: Chunk, node: fx.Node) -> Value:
     """``nn.MultiheadAttention``: every query's sequences stacked into one batch, one call."""
-    m = ch.engine.module_of(node)
+    m = ch.context.module_of(node)
     names = ("query", "key", "value")
     nodes = [_arg(node, i, n) for i, n in enumerate(names)]
     vals = [ch.value(n) for n in nodes]
@@ -869,9 +736,9 @@ def rule_multihead_attention(ch: Chunk, node: fx.Node) -> Value:
     if batch_dim == 1:
         out = out.reshape(out.shape[0], q, -1, out.shape[-1]).transpose(0, 1)
     else:
-        out = _unflat(out, q)
+        out = unflat_queries(out, q)
     if weights is not None:
-        weights = _unflat(weights, q)
+        weights = unflat_queries(weights, q)
     return Packed((Dense(out), None if weights is None else Dense(weights)))
 
 
@@ -903,7 +770,7 @@ def rule_split(ch: Chunk, node: fx.Node) -> Value:
 # dropout: the same mask for the base forward and every query
 def rule_dropout(ch: Chunk, node: fx.Node) -> Value:
     v = ch.env.get(node.args[0])
-    mask = ch.engine.masks.get(node)
+    mask = ch.context.masks.get(node)
     if mask is None or not isinstance(v, SliceDelta | Dense) or not _only_first_changes(ch, node):
         return rule_generic(ch, node)
     if isinstance(v, SliceDelta):
@@ -915,71 +782,15 @@ def rule_dropout(ch: Chunk, node: fx.Node) -> Value:
 
 # ----------------------------------------------------------------------------------------
 # everything else: vmap over queries, else a loop
-@contextlib.contextmanager
-def no_running_stat_updates(module: nn.Module | None) -> Iterator[None]:
-    """Training-mode BatchNorm without running-statistics updates (their outputs do not read
-    them), so a module holding BatchNorm can run under vmap."""
-    changed = []
-    if module is not None:
-        for m in module.modules():
-            if (
-                isinstance(m, nn.modules.batchnorm._BatchNorm)
-                and m.training
-                and m.track_running_stats
-            ):
-                changed.append(m)
-                m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in changed:
-            m.track_running_stats = True
-
-
-@contextlib.contextmanager
-def quiet_vmap() -> Iterator[None]:
-    """vmap warns when it falls back to a loop inside an op (no batching rule); the engine
-    reports its own paths (``stats``, ``explain``), so those warnings are noise here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="There is a performance drop")
-        yield
-
-
-def vmap_values(fn: Callable[..., Any], *tensors: torch.Tensor) -> Value:
-    """``fn`` under ``torch.func.vmap`` over dim 0 of ``tensors`` (random draws refused).
-
-    ``fn`` may return a tensor or a flat tuple/list of tensors and non-tensors (e.g.
-    ``(out, None)`` from attention); non-tensor entries must not depend on the query."""
-    layout: dict[str, Any] = {}
-
-    def tensors_only(*ts: torch.Tensor) -> Any:
-        out = fn(*ts)
-        if isinstance(out, torch.Tensor):
-            layout["kind"] = "tensor"
-            return out
-        if not isinstance(out, tuple | list) or any(isinstance(o, tuple | list) for o in out):
-            raise TypeError(f"unsupported output type {type(out).__name__}")
-        layout["kind"] = "tuple"
-        layout["is_tensor"] = [isinstance(o, torch.Tensor) for o in out]
-        return tuple(o for o in out if isinstance(o, torch.Tensor))
-
-    with quiet_vmap():
-        out = torch.func.vmap(tensors_only, randomness="error")(*tensors)
-    if layout["kind"] == "tensor":
-        return Dense(out)
-    items = iter(out)
-    return Packed(tuple(Dense(next(items)) if t else None for t in layout["is_tensor"]))
-
-
 def rule_generic(ch: Chunk, node: fx.Node) -> Value:
     """Any op: under ``torch.func.vmap`` over the queries, or once per query (exact)."""
-    engine = ch.engine
-    m = engine.module_of(node) if node.op == "call_module" else None
+    ctx = ch.context
+    m = ctx.module_of(node) if node.op == "call_module" else None
     fn = out_of_place(node, m)
-    opaque = node.op == "call_module" and node in engine.graph.opaque
+    opaque = node.op == "call_module" and node in ctx.graph.opaque
     changed = [n for n in node.all_input_nodes if ch.env.get(n) is not None]
     dense_inputs = all(isinstance(ch.env[n], SliceDelta | Dense) for n in changed)
-    if dense_inputs and node not in engine.no_vmap and not is_random(node, m):
+    if dense_inputs and node not in ctx.no_vmap and not is_random(node, m):
         tensors = [ch.dense(ch.env[n], n) for n in changed]
 
         def per_query(*ts: torch.Tensor) -> Any:
@@ -994,9 +805,9 @@ def rule_generic(ch: Chunk, node: fx.Node) -> Value:
             with no_running_stat_updates(m):
                 value = vmap_values(per_query, *tensors)
         except Exception:  # noqa: BLE001 - vmap cannot run it: loop over queries below
-            engine.no_vmap.add(node)
+            ctx.no_vmap.add(node)
         else:
-            engine.stats["vmapped_ops"] += 1
+            ctx.stats["vmapped_ops"] += 1
             ch.alias_of[node] = tuple(changed)
             return value
     return _loop(ch, node, fn, changed, m, opaque)
@@ -1012,12 +823,12 @@ def _loop(
 ) -> Value:
     """Run ``node`` once per query: its inputs that query's, the random generator and the
     module's buffers as in the unperturbed forward (so random draws are the same)."""
-    engine = ch.engine
-    engine.stats["looped_ops"] += 1
+    ctx = ch.context
+    ctx.stats["looped_ops"] += 1
     buffers = [(b, b.clone()) for b in module.buffers()] if module is not None else []
-    rng = engine.rng_states.get(node)
+    rng = ctx.rng_state(node)
     outs = []
-    with engine.restorable_rng(rng is not None):
+    with ctx.restorable_rng(rng is not None):
         for q in range(ch.Q):
             sub = {n: query_value(ch, n, q) for n in changed}
 
@@ -1031,189 +842,9 @@ def _loop(
             for b, saved in buffers:
                 b.copy_(saved)
             if rng is not None:
-                engine.set_rng(rng)
+                ctx.set_rng(rng)
             outs.append(fn(*fx.node.map_arg(node.args, load), **fx.node.map_arg(node.kwargs, load)))
     return stack_queries(outs, node)
-
-
-# ----------------------------------------------------------------------------------------
-# dispatch
-_ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.LogSigmoid, nn.Threshold, nn.Hardshrink, nn.Softshrink,
-)  # fmt: skip
-_POOL_MODULES: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
-)  # fmt: skip
-_PER_SAMPLE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.modules.conv._ConvNd, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm,
-    nn.LocalResponseNorm, nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.Embedding,
-)  # fmt: skip
-_ELEMENTWISE_FUNCTIONS: dict[Any, tuple[Callable[..., Any], Callable[..., Any] | None]] = {
-    F.relu: (torch.relu, torch.relu_),
-    torch.relu: (torch.relu, torch.relu_),
-    torch.relu_: (torch.relu, torch.relu_),
-    F.relu6: (F.relu6, None),
-    F.gelu: (F.gelu, None),
-    F.silu: (F.silu, None),
-    F.mish: (F.mish, None),
-    F.hardswish: (F.hardswish, None),
-    F.hardsigmoid: (F.hardsigmoid, None),
-    F.leaky_relu: (F.leaky_relu, None),
-    F.leaky_relu_: (F.leaky_relu, None),
-    F.elu: (F.elu, None),
-    F.elu_: (F.elu, None),
-    F.selu: (F.selu, None),
-    F.celu: (F.celu, None),
-    F.softplus: (F.softplus, None),
-    F.hardtanh: (F.hardtanh, None),
-    F.hardtanh_: (F.hardtanh, None),
-    F.logsigmoid: (F.logsigmoid, None),
-    torch.sigmoid: (torch.sigmoid, None),
-    F.sigmoid: (torch.sigmoid, None),
-    torch.tanh: (torch.tanh, None),
-    F.tanh: (torch.tanh, None),
-    torch.exp: (torch.exp, None),
-    torch.log: (torch.log, None),
-    torch.sqrt: (torch.sqrt, None),
-    torch.rsqrt: (torch.rsqrt, None),
-    torch.abs: (torch.abs, None),
-    torch.neg: (torch.neg, None),
-    torch.square: (torch.square, None),
-    torch.erf: (torch.erf, None),
-    torch.clamp: (torch.clamp, None),
-    torch.clip: (torch.clamp, None),
-    operator.neg: (torch.neg, None),
-}
-_ELEMENTWISE_METHODS = frozenset(
-    {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "exp", "exp_", "abs", "abs_",
-     "neg", "neg_", "clamp", "clamp_", "clip", "clip_", "sqrt", "sqrt_", "rsqrt", "square",
-     "erf", "log", "float", "double", "half", "bfloat16", "to", "type_as", "clamp_min",
-     "clamp_min_", "clamp_max", "clamp_max_"}
-)  # fmt: skip
-_IDENTITY_METHODS = frozenset({"contiguous", "clone", "detach", "requires_grad_"})
-_RESHAPE_METHODS = frozenset(
-    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
-)
-_RESHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze)
-_PERMUTE_METHODS = frozenset({"permute", "transpose", "swapaxes", "swapdims", "t"})
-_PERMUTE_FUNCTIONS = (torch.permute, torch.transpose, torch.swapaxes, torch.t)
-_POOL_FUNCTIONS = (
-    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.lp_pool1d, F.lp_pool2d,
-)  # fmt: skip
-_MAX_POOL_FUNCTIONS = (
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
-)  # fmt: skip
-
-
-def _method_elementwise(name: str) -> Rule:
-    plain = name[:-1] if name.endswith("_") else name
-    inplace = (plain + "_") if plain in ("relu", "sigmoid", "tanh", "exp", "abs", "neg") else None
-
-    def fn(t: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        return getattr(t, plain)(*a, **k)
-
-    def fn_(t: torch.Tensor, *a: Any, **k: Any) -> torch.Tensor:
-        return getattr(t, inplace)(*a, **k)  # type: ignore[arg-type]
-
-    return elementwise(fn, fn_ if inplace else None)
-
-
-def rule_for(
-    node: fx.Node, module: nn.Module | None, per_sample: tuple[type, ...]
-) -> tuple[Rule, str]:
-    """The rule for ``node`` and its name (for ``explain`` and the statistics)."""
-    if is_shape_only(node):
-        return rule_unchanged, "shape"
-    if dropout_spec(node, module) is not None:
-        return rule_dropout, "dropout"
-    if is_random(node, module):
-        return rule_generic, "random"
-    if node.op == "call_module":
-        m = module
-        if per_sample and isinstance(m, per_sample):
-            return rule_per_sample, "per-sample"
-        if standard(m, nn.Conv2d):
-            return rule_conv, "conv"
-        if standard(m, nn.Linear):
-            return rule_linear, "linear"
-        if standard(m, nn.modules.batchnorm._BatchNorm):
-            return rule_batchnorm, "batchnorm"
-        if standard(m, nn.LayerNorm):
-            return rule_layer_norm, "layernorm"
-        if isinstance(m, nn.ReLU):
-            return elementwise(torch.relu, torch.relu_), "elementwise"
-        if isinstance(m, _ELEMENTWISE_MODULES):
-            return rule_elementwise_module, "elementwise"
-        if isinstance(m, _POOL_MODULES) and not getattr(m, "return_indices", False):
-            return rule_pool, "pool"
-        if standard(m, nn.MultiheadAttention):
-            return rule_multihead_attention, "attention"
-        if isinstance(m, nn.Identity) or isinstance(m, nn.modules.dropout._DropoutNd):
-            return rule_identity, "identity"
-        if isinstance(m, nn.Flatten | nn.Unflatten):
-            return rule_reshape, "reshape"
-        if isinstance(m, _PER_SAMPLE_MODULES):
-            return rule_per_sample, "per-sample"
-        return rule_generic, "generic"
-    target = node.target
-    if node.op == "call_function":
-        if target in _BINARY_FUNCTIONS:
-            return binary(*_BINARY_FUNCTIONS[target]), "arithmetic"
-        if target in _ELEMENTWISE_FUNCTIONS:
-            return elementwise(*_ELEMENTWISE_FUNCTIONS[target]), "elementwise"
-        if target is F.conv2d:
-            return rule_conv, "conv"
-        if target is F.linear:
-            return rule_linear, "linear"
-        if target is F.layer_norm:
-            return rule_layer_norm, "layernorm"
-        if target in _POOL_FUNCTIONS or (
-            target in _MAX_POOL_FUNCTIONS and not node.kwargs.get("return_indices", False)
-        ):
-            return rule_pool, "pool"
-        if target in (torch.mean, torch.sum, torch.amax, torch.amin):
-            return rule_reduce, "reduce"
-        if target in _RESHAPE_FUNCTIONS:
-            return rule_reshape, "reshape"
-        if target in _PERMUTE_FUNCTIONS:
-            return rule_permute, "permute"
-        if target is operator.getitem:
-            return rule_getitem, "index"
-        if target is F.pad:
-            return rule_pad, "pad"
-        if target in (torch.cat, torch.concat, torch.concatenate):
-            return rule_cat, "cat"
-        if target is F.scaled_dot_product_attention:
-            return rule_sdpa, "attention"
-        if target in (torch.unbind, torch.chunk, torch.split):
-            return rule_split, "split"
-        if target is torch.detach:
-            return rule_identity, "identity"
-        return rule_generic, "generic"
-    if node.op == "call_method":
-        name = str(target)
-        if name in _BINARY_METHODS:
-            return binary(*_BINARY_METHODS[name]), "arithmetic"
-        if name in _ELEMENTWISE_METHODS:
-            return _method_elementwise(name), "elementwise"
-        if name in _IDENTITY_METHODS and len(node.args) == 1 and not node.kwargs:
-            return rule_identity, "identity"
-        if name in _RESHAPE_METHODS:
-            return rule_reshape, "reshape"
-        if name in _PERMUTE_METHODS:
-            return rule_permute, "permute"
-        if name in _REDUCTIONS:
-            return rule_reduce, "reduce"
-        if name == "__getitem__":
-            return rule_getitem, "index"
-        if name in ("unbind", "chunk", "split"):
-            return rule_split, "split"
-    return rule_generic, "generic"
 
 
 def _scalar_extras(ch: Chunk, node: fx.Node) -> bool:
@@ -1232,4 +863,31 @@ def _scalar_extras(ch: Chunk, node: fx.Node) -> bool:
     return True
 
 
-__all__ = ["Rule", "rule_for"]
+__all__ = [
+    "ConvSpec",
+    "Rule",
+    "binary",
+    "conv_spec",
+    "elementwise",
+    "one_channel_conv",
+    "rule_batchnorm",
+    "rule_cat",
+    "rule_conv",
+    "rule_dropout",
+    "rule_elementwise_module",
+    "rule_generic",
+    "rule_getitem",
+    "rule_identity",
+    "rule_layer_norm",
+    "rule_linear",
+    "rule_multihead_attention",
+    "rule_pad",
+    "rule_per_sample",
+    "rule_permute",
+    "rule_pool",
+    "rule_reduce",
+    "rule_reshape",
+    "rule_sdpa",
+    "rule_split",
+    "rule_unchanged",
+]

@@ -14,23 +14,23 @@ node's value is one of:
 * :class:`Tree` -- any other structured output (a dict, a ``ModelOutput``), leaf by leaf.
 * :class:`Objects` -- a non-tensor result that differs between queries, one per query.
 
-A :class:`Chunk` of queries reads the engine through :class:`EngineContext` (the engine's
-public chunk interface); :func:`query_value` and :func:`stack_queries` take one query's
+A :class:`Chunk` of queries reads the engine through its
+:class:`~.context.EngineContext` (``chunk.context``: the graph, the activation cache, the
+random-generator states); :func:`query_value` and :func:`stack_queries` take one query's
 value out of a stored value and put per-query results back into one.
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import fx, nn
+from torch import fx
 from torch.utils import _pytree as pytree
 
 if TYPE_CHECKING:
-    from .graph import EngineGraph
+    from .context import EngineContext
 
 
 @dataclass
@@ -80,44 +80,16 @@ class Tree:
 Value = SliceDelta | Dense | Packed | Objects | Tree | None
 
 
-class EngineContext(Protocol):
-    """What a chunk and the rules see of the engine (:class:`~.core.SparseCGEEngine`
-    implements it): the step's graph and caches, per node. Declared here, below the engine
-    and the rules, so that neither imports the other's internals."""
-
-    stats: dict[str, int]
-    memory_format: str
-    #: per-layer helpers computed once per step (padded inputs...), by key
-    derived: dict[tuple, torch.Tensor]
-    #: the dropout masks the unperturbed forward drew, by node
-    masks: dict[fx.Node, torch.Tensor]
-    #: the generator state before each random node of the unperturbed forward
-    rng_states: dict[fx.Node, tuple]
-
-    @property
-    def graph(self) -> EngineGraph: ...
-
-    @property
-    def no_vmap(self) -> set[fx.Node]: ...
-
-    def module_of(self, node: fx.Node) -> nn.Module: ...
-
-    def unperturbed(self, node: fx.Node) -> Any: ...
-
-    def meta_of(self, node: fx.Node) -> Any: ...
-
-    def empty(self, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor: ...
-
-    def set_rng(self, state: tuple) -> None: ...
-
-    def restorable_rng(self, active: bool) -> contextlib.AbstractContextManager: ...
-
-
 class Chunk:
-    """The state of one chunk of ``Q`` queries while it is pushed through the graph."""
+    """The state of one chunk of ``Q`` queries while it is pushed through the graph.
 
-    def __init__(self, engine: EngineContext, q: int):
-        self.engine = engine
+    ``context``: the engine's state a rule may read (:class:`~.context.EngineContext`);
+    ``Q``: the number of queries; ``env``: the value of each node changed so far (absent or
+    ``None``: the unperturbed value, ``chunk.cached(node)``).
+    """
+
+    def __init__(self, context: EngineContext, q: int):
+        self.context = context
         self.Q = q
         self.env: dict[fx.Node, Value] = {}
         # value of node -> nodes whose value buffers it may share (views, identities)
@@ -126,14 +98,14 @@ class Chunk:
     def cached(self, arg: Any) -> Any:
         """The unperturbed value of a node argument (constants pass through)."""
         if isinstance(arg, fx.Node):
-            return self.engine.unperturbed(arg)
+            return self.context.unperturbed(arg)
         return arg
 
     def meta(self, arg: Any) -> Any:
         """Shape, dtype and device of a node's unperturbed value (a tensor on the ``meta``
         device: reading its values raises); constants pass through. Never recomputes."""
         if isinstance(arg, fx.Node):
-            return self.engine.meta_of(arg)
+            return self.context.meta_of(arg)
         return arg
 
     def value(self, arg: Any) -> Value:
@@ -152,7 +124,7 @@ class Chunk:
         base = self.cached(node)
         if not isinstance(base, torch.Tensor):
             raise TypeError(f"cannot batch the non-tensor value of {node}")
-        out = self.engine.empty((self.Q, *base.shape), base)
+        out = self.context.empty((self.Q, *base.shape), base)
         out.copy_(base.unsqueeze(0).expand_as(out))
         if isinstance(value, SliceDelta):
             q = torch.arange(self.Q, device=base.device)
