@@ -106,3 +106,17 @@ def test_bad_optimizer_arguments(make, match):
 def test_grad_shape_mismatch():
     with pytest.raises(ValueError, match=r"grad shape \(2,\) does not match x shape \(3,\)"):
         zoopt.SGD(lr=0.1).step(np.zeros(3), np.zeros(2))
+
+
+def test_make_optimizer_and_make_estimator_are_the_registry():
+    from zoopt import registry
+
+    registry.register_optimizer("sgd_alias_for_test", zoopt.SGD, options=("momentum",))
+    try:
+        opt = zoopt.make_optimizer("sgd_alias_for_test", lr=0.1, momentum=0.5)
+        assert isinstance(opt, zoopt.SGD) and opt.momentum == 0.5
+    finally:
+        registry.unregister("optimizer", "sgd_alias_for_test")
+    with pytest.raises(TypeError, match="beta1"):
+        zoopt.make_optimizer("sgd", lr=0.1, beta1=0.9)
+    assert isinstance(zoopt.make_estimator("cge", mu=1e-3), zoopt.CGE)

@@ -6,10 +6,11 @@ imported when a feature needs them (``zoopt.torch``, ``zoopt.parallel``, ``oracl
 
 from ._coords import check_coords
 from .directions import DirectionCombination, DirectionSteps, SeededDirections
-from .estimators import CGE, RGE, Estimate, Estimator, QueryPlan, make_estimator
+from .estimators import CGE, RGE, Estimate, Estimator, QueryPlan
 from .minimize import AskTell, OptimizeResult, minimize
-from .optim import SGD, Adam, Optimizer, OptState, SignSGD, make_optimizer
+from .optim import SGD, Adam, Optimizer, OptState, SignSGD
 from .oracle import BaseOracle, BudgetExceeded, FunctionOracle, Oracle, OracleError, as_oracle
+from .registry import make_estimator, make_optimizer
 from .schedules import Constant, Cosine, Step, as_schedule
 
 __version__ = "0.1.0"

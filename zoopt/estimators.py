@@ -461,11 +461,3 @@ class CGE(Estimator):
         return QueryPlan(
             x=x, n=n, points=points, finish=finish, coord_steps=steps, includes_base=need_base
         )
-
-
-def make_estimator(name: str, **kwargs: Any) -> Estimator:
-    """Build an estimator by name: ``"rge"`` or ``"cge"`` (kwargs go to the class)."""
-    table = {"rge": RGE, "cge": CGE}
-    if name not in table:
-        raise ValueError(f"unknown estimator {name!r}; choose from {sorted(table)}")
-    return table[name](**kwargs)

@@ -369,11 +369,3 @@ class SignSGD(Optimizer):
             return x - lr * xp.sign(g), {}
         v = self.momentum * bufs["velocity"] + (1 - self.momentum) * g
         return x - lr * xp.sign(v), {"velocity": v}
-
-
-def make_optimizer(name: str, lr: float | Schedule, **kwargs: Any) -> Optimizer:
-    """Build an optimizer by name: ``"sgd"``, ``"adam"`` or ``"signsgd"``."""
-    table = {"sgd": SGD, "adam": Adam, "signsgd": SignSGD}
-    if name not in table:
-        raise ValueError(f"unknown optimizer {name!r}; choose from {sorted(table)}")
-    return table[name](lr=lr, **kwargs)

@@ -146,6 +146,12 @@ def estimator(name: str, **options: Any) -> Estimator:
     return entry.factory(**options)
 
 
+#: the names ``zoopt`` exported before the registry (``zoopt.make_optimizer("adam", lr)``):
+#: the same lookup, so a registered name works there too
+make_optimizer = optimizer
+make_estimator = estimator
+
+
 def _register(table: dict[str, Any], kind: str, name: str, entry: Any) -> None:
     if not isinstance(name, str) or not name or name != name.strip():
         raise ValueError(f"a {kind} name must be a non-empty string without spaces, got {name!r}")
