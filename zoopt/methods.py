@@ -262,11 +262,11 @@ def fd_gradient_plan(
     like_x: Array,
     coords: np.ndarray | None = None,
 ) -> QueryPlan:
-    """The finite-difference points of :func:`fd_gradient_points` as a lazy plan: rows
+    """The finite-difference points of :func:`fd_gradient_steps`' steps as a lazy plan: rows
     ``a:b`` are built when asked for (the driver asks in chunks under ``max_batch_bytes``),
     so the memory is O(chunk · d), never d × d. Row ``j < m`` is ``x + plus_c e_c`` for the
     ``j``-th coordinate ``c`` of ``coords`` (default: all d, in order); with ``central`` row
-    ``m + j`` is ``x + minus_c e_c``. Values equal the dense points' bit for bit."""
+    ``m + j`` is ``x + minus_c e_c``; every other entry is ``x``'s."""
     idx = np.arange(x.shape[0]) if coords is None else np.asarray(coords, dtype=np.int64)
     cols_all = np.concatenate([idx, idx]) if central else idx
     steps = np.concatenate([plus[idx], minus[idx]]) if central else plus[idx]
@@ -290,7 +290,18 @@ def fd_gradient_plan(
 def fd_gradient_steps(
     x: np.ndarray, central: bool, box: Box | None, eps: float = EPS
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The signed steps ``(plus, minus)`` of :func:`fd_gradient_points` (O(d) memory)."""
+    """The signed steps ``(plus, minus)`` of a finite-difference gradient at ``x`` (host
+    float64, shape ``(d,)``; O(d) memory).
+
+    Steps are relative, as in scipy's ``approx_derivative``: ``h_i = r · max(1, |x_i|)`` with
+    ``r = sqrt(eps)`` (forward, error ~1e-8) or ``eps^(1/3)`` (central, error ~1e-11 on
+    smooth functions). With bounds, a coordinate whose step would leave the box is
+    differenced one-sided towards the inside, so no point leaves the box. ``eps`` is the
+    machine epsilon of the points' dtype (float32 points need larger steps).
+    ``plus[i]``/``minus[i]`` are the signed steps of coordinate ``i``'s two points
+    (``minus[i] == 0`` for a one-sided difference against f(x)); :func:`fd_gradient_plan`
+    builds the points (forward: d of them; central: 2d).
+    """
     d = x.shape[0]
     r = eps ** (1 / 3) if central else eps**0.5  # eps: of the queried points' dtype
     h = r * np.maximum(1.0, np.abs(x))
@@ -310,27 +321,6 @@ def fd_gradient_steps(
     return plus, minus
 
 
-def fd_gradient_points(
-    x: np.ndarray, central: bool, box: Box | None, eps: float = EPS
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The points of a finite-difference gradient at ``x`` (host float64, shape ``(d,)``).
-
-    Steps are relative, as in scipy's ``approx_derivative``: ``h_i = r · max(1, |x_i|)`` with
-    ``r = sqrt(eps)`` (forward, error ~1e-8) or ``eps^(1/3)`` (central, error ~1e-11 on
-    smooth functions). With bounds, a coordinate whose step would leave the box is
-    differenced one-sided towards the inside, so no point leaves the box. ``eps`` is the
-    machine epsilon of the points' dtype (float32 points need larger steps).
-
-    Returns ``(points, plus, minus)``: ``points`` ``(n, d)``; ``plus[i]``/``minus[i]`` are
-    the signed steps of coordinate ``i``'s two points (``minus[i] == 0`` for a one-sided
-    difference against f(x)). Forward: ``n = d``; central: ``n = 2d``. Dense: ``(n, d)``
-    memory (L-BFGS uses the lazy :func:`fd_gradient_plan` of the same points).
-    """
-    plus, minus = fd_gradient_steps(x, central, box, eps)
-    plan = fd_gradient_plan(x, plus, minus, central, box, x)
-    return plan.all_points(), plus, minus
-
-
 def _inside_step(x: np.ndarray, box: Box) -> np.ndarray:
     """For coordinates whose box is narrower than the step: the larger way in."""
     up, down = box.ub - x, x - box.lb
@@ -340,7 +330,7 @@ def _inside_step(x: np.ndarray, box: Box) -> np.ndarray:
 def fd_gradient(
     values: np.ndarray, fx: float, plus: np.ndarray, minus: np.ndarray, central: bool
 ) -> np.ndarray:
-    """The gradient from :func:`fd_gradient_points`' values (host float64)."""
+    """The gradient from :func:`fd_gradient_plan`'s values (host float64)."""
     d = plus.shape[0]
     v_plus = values[:d]
     if not central:
@@ -369,7 +359,7 @@ class LBFGS:
     along a quadratic costs one extra query), then a gradient estimate at the new point.
 
     Gradients (``estimator=None``): finite differences with relative steps (see
-    :func:`fd_gradient_points`), forward (``d`` queries: f(x) is known from the line search)
+    :func:`fd_gradient_steps`), forward (``d`` queries: f(x) is known from the line search)
     while far from the optimum, and central (``2d`` queries) from the first time either the
     line search finds no decrease or the gradient is small next to f's rounding
     (``max|ĝ| < 1e-6 · max(1, |f(x)|)``): the point where forward differences' error
