@@ -95,10 +95,7 @@ class Budget:
             BudgetExceeded: they do not fit (nothing is reserved then).
         """
         with self._lock:
-            if not self.fits(n):
-                raise BudgetExceeded(
-                    self.spent + self.reserved, int(self.max_queries or 0), None, math.inf
-                )
+            self._check_fits(n)
             first = self.spent + self.reserved
             self.reserved += n
             return first
@@ -121,13 +118,17 @@ class Budget:
             BudgetExceeded: they do not fit (nothing is counted then).
         """
         with self._lock:
-            if not self.fits(n):
-                raise BudgetExceeded(
-                    self.spent + self.reserved, int(self.max_queries or 0), None, math.inf
-                )
+            self._check_fits(n)
             first = self.spent
             self.spent += n
             return first
+
+    def _check_fits(self, n: int) -> None:
+        # under the lock: the check and the count that follows it are one step
+        if not self.fits(n):
+            raise BudgetExceeded(
+                self.spent + self.reserved, int(self.max_queries or 0), None, math.inf
+            )
 
     def refund(self, n: int) -> None:
         """Uncount ``n`` charged queries that never ran (a batch cut by Ctrl-C)."""

@@ -229,7 +229,7 @@ class ParallelOracle(BaseOracle):
     def _on_local(self, fn: Callable[[Array], Any], x: Array, at_least: int) -> Any:
         # Charge what the local oracle charges, so counts match a single-process run; the
         # queries known in advance are checked against the budget first.
-        if self.max_queries is not None and self.queries + at_least > self.max_queries:
+        if not self.budget.fits(at_least):
             raise BudgetExceeded(self.queries, self.max_queries, self.best_x, self.best_f)
         before = self.local.queries
         result = fn(x)
