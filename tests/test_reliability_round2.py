@@ -37,13 +37,16 @@ def run_cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> None:
+def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Assert a CLI failure is one line ``zoopt: error: ...`` (with ``needles``), exit code 2,
+    no traceback; returns that line."""
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr, out.stderr
     lines = [line for line in out.stderr.splitlines() if line.startswith("zoopt: error: ")]
     assert len(lines) == 1, out.stderr
     for needle in needles:
         assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 # -- code execution --------------------------------------------------------------------

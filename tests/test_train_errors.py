@@ -23,6 +23,8 @@ import pytest
 
 pytest.importorskip("torch")
 
+from test_reliability_round2 import one_line_error  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 ZOOPT = [sys.executable, "-P", "-m", "zoopt.cli"]
 FAST = ["--dataset", "digits", "--method", "fo", "--epochs", "1", "--max-steps", "2"]
@@ -45,16 +47,6 @@ def run_train(args: list[str], cwd: Path, preexec=None) -> subprocess.CompletedP
         timeout=300,
         preexec_fn=preexec,
     )
-
-
-def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> str:
-    assert out.returncode == 2, (out.returncode, out.stderr)
-    assert "Traceback" not in out.stderr, out.stderr
-    lines = [line for line in out.stderr.splitlines() if line.startswith("zoopt: error: ")]
-    assert len(lines) == 1, out.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
