@@ -609,6 +609,10 @@ def test_app_rejects_bad_settings():
         TrainingConfig(sigma=0)
     with pytest.raises(ValueError, match="--deepzero-other must be one of auto, always"):
         DeepZeroConfig(other="never")
+    with pytest.raises(
+        ValueError, match="--fo-ds-optimizer must be one of adam, sgd, got 'rmsprop'"
+    ):
+        TrainingConfig(fo_ds_optimizer="rmsprop")
 
 
 def test_flags_map_onto_the_config_and_back_into_the_settings_record():
@@ -623,7 +627,7 @@ def test_flags_map_onto_the_config_and_back_into_the_settings_record():
         "--classifier-epochs", "2", "--classifier-lr", "0.5", "--api-batch", "9",
         "--sigma", "0.5", "--q", "64", "--batch-size", "4", "--epochs", "3",
         "--steps-per-epoch", "5", "--lr-fo-ds", "0.1", "--lr-zo-ae-ds", "0.2",
-        "--lr-deepzero", "0.3", "--weight-decay", "0.0", "--warmup-epochs", "1", "--mu", "0.01",
+        "--lr-deepzero", "0.3", "--fo-ds-optimizer", "sgd", "--weight-decay", "0.0", "--warmup-epochs", "1", "--mu", "0.01",
         "--dncnn-depth", "4", "--dncnn-width", "8", "--denoiser-init", "random",
         "--pretrain-epochs", "2", "--pretrain-lr", "0.02", "--ae-width", "4", "--ae-lr", "0.1",
         "--zo-ae-ds-train", "denoiser", "--grasp-q", "3", "--grasp-per-class", "1",
@@ -674,6 +678,11 @@ def test_app_end_to_end_on_a_tiny_setting(tmp_path):
     per_step = {m: result["queries"][m]["api_images_per_step"] for m in ("zo-ae-ds", "deepzero")}
     assert per_step == {"zo-ae-ds": 37 * 8, "deepzero": 37 * 8}
     assert result["queries"]["fo-ds"]["training_api_images"] == 0
+    # FO-DS trains with its own optimizer (Adam by default), the ZO methods with the shared SGD
+    recipes = {m: json.loads((out / m / "summary.json").read_text())["config"] for m in per_step}
+    fo_ds = json.loads((out / "fo-ds" / "summary.json").read_text())["config"]
+    assert fo_ds["optimizer"] == "adam" and result["settings"]["fo_ds_optimizer"] == "adam"
+    assert {r["optimizer"] for r in recipes.values()} == {"sgd"}
     assert result["queries"]["zo-ae-ds"]["trainer_method"] == "custom"
     zo_ae_ds = json.loads((out / "zo-ae-ds" / "summary.json").read_text())
     assert zo_ae_ds["method"] == "custom" and zo_ae_ds["queries"] == 2 * 37  # 2 steps of q + 1

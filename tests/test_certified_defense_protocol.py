@@ -285,3 +285,39 @@ def test_summary_pools_seeds_by_image_from_the_certificates_of_unfinished_runs(t
     printed = capsys.readouterr().out
     assert "| 1 (partial) |" in printed and "Pooled over 2 seeds (4 distinct" in printed
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_summary_states_an_ordering_only_where_interval_and_every_seed_agree(tmp_path, capsys):
+    """FO-DS certifies all 40 photos in both seeds, ZO-AE-DS 10: resolved, with McNemar
+    significant in both seeds. DeepZero beats ZO-AE-DS by 2 photos in seed 0 and loses by 2 in
+    seed 1: not resolved, whatever the pooled mean."""
+    ids = [f"p{i}" for i in range(40)]
+    right = {
+        0: {"fo-ds": set(ids), "zo-ae-ds": set(ids[:10]), "deepzero": set(ids[:12])},
+        1: {"fo-ds": set(ids), "zo-ae-ds": set(ids[:10]), "deepzero": set(ids[:8])},
+    }
+    for seed in (0, 1):
+        for m in METHODS:
+            folder = tmp_path / f"seed{seed}" / m
+            folder.mkdir(parents=True)
+            certs = [[1 if i in right[seed][m] else 0, 0.3] for i in ids]
+            record = {"seed": seed, "sigma": 0.25, "certificates": certs,
+                      "labels": [1] * len(ids), "image_ids": ids}  # fmt: skip
+            (folder / "certificates.json").write_text(json.dumps(record))
+    runs = [summary.load_run(tmp_path / f"seed{s}") for s in (0, 1)]
+    found = {
+        (o["a"], o["b"], o["radius"]): o for o in summary.supported_orderings(runs, [0.0, 0.5])
+    }
+    fo = found["fo-ds", "zo-ae-ds", "0"]
+    assert fo["verdict"] == "fo-ds > zo-ae-ds" and fo["seeds_significant"] == 2
+    assert [(t["a_only"], t["b_only"]) for t in fo["per_seed"]] == [(30, 0), (30, 0)]
+    mixed = found["zo-ae-ds", "deepzero", "0"]
+    assert mixed["verdict"] == "not resolved" and mixed["seeds_significant"] is None
+    # no certificate reaches r = 0.5: every method certifies nothing, nothing is ordered
+    assert all(found[k]["verdict"] == "not resolved" for k in found if k[2] == "0.5")
+    out = tmp_path / "stats.json"
+    assert summary.main([str(tmp_path / "seed0"), str(tmp_path / "seed1"), "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "**FO-DS > ZO-AE-DS** (2/2 seeds p < 0.05)" in printed
+    saved = json.loads(out.read_text())
+    assert {o["verdict"] for o in saved["orderings"]} >= {"fo-ds > zo-ae-ds", "not resolved"}

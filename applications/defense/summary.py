@@ -14,7 +14,12 @@ images every method has certified so far, and marked partial). Prints:
   test photos, so they are not independent samples of images), per method and for every
   pair's difference.
 
-Writes nothing but the plot (pooled accuracy with its interval per method and radius).
+- what the runs support: per pair and radius an ordering only where the pooled difference's
+  interval excludes 0 and no seed's McNemar test points the other way
+  (:func:`supported_orderings`).
+
+Writes nothing but the plot (``--plot``: pooled accuracy with its interval per method and
+radius) and, with ``--json``, these statistics.
 """
 
 from __future__ import annotations
@@ -204,6 +209,76 @@ def pooled_statistics(runs: Sequence[dict[str, Any]], radii: Sequence[float]) ->
     return {"images": images, "accuracy": accuracy, "differences": differences}
 
 
+def supported_orderings(
+    runs: Sequence[dict[str, Any]], radii: Sequence[float], level: float = 0.05
+) -> list[dict[str, Any]]:
+    """What the runs support about each pair of methods (A, B) at each radius.
+
+    ``verdict`` is ``"A > B"`` (with the methods' keys) only where the pooled difference's 95 %
+    bootstrap interval lies above 0 **and** no seed's McNemar test points the other way
+    (``a_only < b_only``); ``"B > A"`` symmetrically; else ``"not resolved"``. Also:
+    the pooled ``mean`` difference and its ``interval``, each seed's discordant counts
+    ``(a_only, b_only)`` and ``pvalue``, and ``seeds_significant``: seeds whose McNemar
+    p < ``level`` in the verdict's direction (``None`` when not resolved). This is the rule
+    docs/certified_defense.md states an ordering by; a point estimate alone orders nothing.
+    """
+    pooled = pooled_statistics(runs, radii)
+    per_seed = [per_seed_statistics(run, radii) for run in runs]
+    out = []
+    for d in pooled["differences"]:
+        a, b, r = d["a"], d["b"], d["radius"]
+        tests = [
+            next(t for t in stats["paired_tests"] if (t["a"], t["b"], t["radius"]) == (a, b, r))
+            for stats in per_seed
+            if stats is not None
+        ]
+        signs = [t["a_only"] - t["b_only"] for t in tests]
+        lo, hi = d["interval"]
+        if lo > 0 and all(x >= 0 for x in signs):
+            verdict, wins = f"{a} > {b}", [t for t in tests if t["a_only"] > t["b_only"]]
+        elif hi < 0 and all(x <= 0 for x in signs):
+            verdict, wins = f"{b} > {a}", [t for t in tests if t["b_only"] > t["a_only"]]
+        else:
+            verdict, wins = "not resolved", None
+        out.append({
+            "a": a, "b": b, "radius": r, "mean": d["mean"], "interval": d["interval"],
+            "per_seed": [
+                {"a_only": t["a_only"], "b_only": t["b_only"], "pvalue": t["pvalue"]}
+                for t in tests
+            ],
+            "verdict": verdict,
+            "seeds_significant": None if wins is None
+            else sum(t["pvalue"] < level for t in wins),
+        })  # fmt: skip
+    return out
+
+
+def orderings_table(runs: Sequence[dict[str, Any]], radii: Sequence[float]) -> str:
+    """Markdown: :func:`supported_orderings` per pair and radius."""
+    rows = ["| pair | " + " | ".join(f"r = {r:g}" for r in radii) + " |",
+            "|---|" + "---|" * len(radii)]  # fmt: skip
+    grouped: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for o in supported_orderings(runs, radii):
+        grouped.setdefault((o["a"], o["b"]), {})[o["radius"]] = o
+    seeds = sum(1 for run in runs if per_seed_statistics(run, radii) is not None)
+    for (a, b), cells in grouped.items():
+        shown = []
+        for r in radii:
+            o = cells.get(f"{r:g}")
+            if o is None:
+                shown.append("-")
+            elif o["verdict"] == "not resolved":
+                shown.append("not resolved")
+            else:
+                first, second = o["verdict"].split(" > ")
+                shown.append(
+                    f"**{METHOD_NAMES[first]} > {METHOD_NAMES[second]}** "
+                    f"({o['seeds_significant']}/{seeds} seeds p < 0.05)"
+                )
+        rows.append(f"| {METHOD_NAMES[a]} vs {METHOD_NAMES[b]} | " + " | ".join(shown) + " |")
+    return "\n".join(rows)
+
+
 def _interval(values: dict[str, list[float]]) -> dict[str, Any]:
     mean, (low, high) = image_bootstrap(values)
     return {"mean": mean, "interval": [low, high]}
@@ -269,6 +344,9 @@ def statistics_tables(runs: Sequence[dict[str, Any]], radii: Sequence[float]) ->
             + " | ".join(_pct(cells[f"{r:g}"], "mean") for r in radii if f"{r:g}" in cells)
             + " |"
         )
+    out += ["", "What the runs support (an ordering only where the pooled difference's interval "
+            "excludes 0 and no seed's McNemar test points the other way):", "",
+            orderings_table(runs, radii)]  # fmt: skip
     return "\n".join(out)
 
 
@@ -324,6 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", help="output folders of runs (finished or certifying)")
     p.add_argument("--plot", help="write the plot here (PNG)")
+    p.add_argument("--json", help="write the per-seed and pooled statistics and the orderings here")
     args = p.parse_args(argv)
     runs = [load_run(d) for d in args.dirs]
     print(seed_table(runs))
@@ -333,6 +412,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         radii = [float(r) for r in next(iter(mean_accuracy(runs).values()), {})]
         print()
         print(statistics_tables(runs, radii))
+        if args.json:
+            record = {
+                "runs": [str(d) for d in args.dirs],
+                "per_seed": [per_seed_statistics(run, radii) for run in runs],
+                "pooled": pooled_statistics(runs, radii),
+                "orderings": supported_orderings(runs, radii),
+            }
+            Path(args.json).write_text(json.dumps(record, indent=2))
+            print(f"statistics: {args.json}")
     if args.plot:
         plot_means(runs, args.plot)
         print(f"plot: {args.plot}")

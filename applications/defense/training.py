@@ -235,7 +235,9 @@ def fo_ds_setup(config: DefenseConfig, denoiser: nn.Module, checkpoint: Path) ->
     oracle = fo_ds_oracle(denoiser, classifier.to(config.device))
     counting = oracle.module.classifier
     assert isinstance(counting, CountingClassifier)
-    return MethodSetup(oracle, denoiser, [denoiser], "fo", white_box=counting)
+    # the update rule is FO-DS's own (--fo-ds-optimizer); lr, schedule and the rest are shared
+    overrides = {"optimizer": config.training.fo_ds_optimizer}
+    return MethodSetup(oracle, denoiser, [denoiser], "fo", overrides=overrides, white_box=counting)
 
 
 def zo_ae_ds_setup(
