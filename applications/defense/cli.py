@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fo-ds-optimizer",
         choices=FO_DS_OPTIMIZERS,
         default=tr.fo_ds_optimizer,
-        help="FO-DS's update rule: adam (the default of ZO-AE-DS's reference code) or the ZO methods' "
-        "sgd (momentum 0.9), whose first epoch explodes on the grocery photos",
+        help="FO-DS's update rule: adam (the default of ZO-AE-DS's reference code) or the "
+        "ZO methods' sgd (momentum 0.9), whose first epoch explodes on the grocery photos",
     )
     train.add_argument(
         "--lr-factors",

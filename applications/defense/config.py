@@ -131,9 +131,10 @@ class TrainingConfig:
     to ``epochs`` (:mod:`applications.defense.selection`).
 
     ``fo_ds_optimizer``: the white-box reference's update rule (``adam``, the default of
-    ZO-AE-DS's reference code ``AE_DS_train.py``, or the ZO methods' ``sgd``). With SGD (momentum 0.9) FO-DS's first epoch
-    explodes on the grocery photos at every rate of the sweep and the chosen run collapses to
-    the identity (docs/certified_defense.md, issue 26); Adam's per-coordinate scaling does not.
+    ZO-AE-DS's reference code ``AE_DS_train.py``, or the ZO methods' ``sgd``). With SGD
+    (momentum 0.9) FO-DS's first epoch explodes on the grocery photos at every rate of the
+    sweep and the chosen run collapses to the identity (docs/certified_defense.md, issue 26);
+    with Adam it does not.
     """
 
     sigma: float = 0.25

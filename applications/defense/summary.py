@@ -222,8 +222,14 @@ def supported_orderings(
     p < ``level`` in the verdict's direction (``None`` when not resolved). This is the rule
     docs/certified_defense.md states an ordering by; a point estimate alone orders nothing.
     """
-    pooled = pooled_statistics(runs, radii)
     per_seed = [per_seed_statistics(run, radii) for run in runs]
+    return _orderings(per_seed, pooled_statistics(runs, radii), level)
+
+
+def _orderings(
+    per_seed: Sequence[dict[str, Any] | None], pooled: dict[str, Any], level: float = 0.05
+) -> list[dict[str, Any]]:
+    """:func:`supported_orderings` from statistics already computed."""
     out = []
     for d in pooled["differences"]:
         a, b, r = d["a"], d["b"], d["radius"]
@@ -253,14 +259,22 @@ def supported_orderings(
     return out
 
 
-def orderings_table(runs: Sequence[dict[str, Any]], radii: Sequence[float]) -> str:
-    """Markdown: :func:`supported_orderings` per pair and radius."""
+def seed_statistics(runs: Sequence[dict[str, Any]], radii: Sequence[float]) -> dict[str, Any]:
+    """Everything the summary reports from per-image certificates, computed once:
+    ``per_seed`` (:func:`per_seed_statistics` of each run, None without certificates),
+    ``pooled`` (:func:`pooled_statistics`) and ``orderings`` (:func:`supported_orderings`)."""
+    per_seed = [per_seed_statistics(run, radii) for run in runs]
+    pooled = pooled_statistics(runs, radii)
+    return {"per_seed": per_seed, "pooled": pooled, "orderings": _orderings(per_seed, pooled)}
+
+
+def orderings_table(orderings: Sequence[dict[str, Any]], radii: Sequence[float], seeds: int) -> str:
+    """Markdown: :func:`supported_orderings` per pair and radius, over ``seeds`` seeds."""
     rows = ["| pair | " + " | ".join(f"r = {r:g}" for r in radii) + " |",
             "|---|" + "---|" * len(radii)]  # fmt: skip
     grouped: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
-    for o in supported_orderings(runs, radii):
+    for o in orderings:
         grouped.setdefault((o["a"], o["b"]), {})[o["radius"]] = o
-    seeds = sum(1 for run in runs if per_seed_statistics(run, radii) is not None)
     for (a, b), cells in grouped.items():
         shown = []
         for r in radii:
@@ -289,27 +303,32 @@ def _pct(cell: dict[str, Any], key: str = "accuracy") -> str:
     return f"{100 * cell[key]:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
-def statistics_tables(runs: Sequence[dict[str, Any]], radii: Sequence[float]) -> str:
+def statistics_tables(
+    runs: Sequence[dict[str, Any]], radii: Sequence[float], stats: dict[str, Any] | None = None
+) -> str:
     """Markdown: per seed the accuracy with Clopper-Pearson intervals and McNemar's tests;
-    pooled over the seeds the accuracy and the paired differences with bootstrap intervals."""
+    pooled over the seeds the accuracy and the paired differences with bootstrap intervals;
+    the orderings they support. ``stats``: :func:`seed_statistics` of ``runs`` at ``radii``
+    (computed here when not given)."""
+    if stats is None:
+        stats = seed_statistics(runs, radii)
     out: list[str] = []
     head = "| seed | method | images | " + " | ".join(f"r = {r:g}" for r in radii) + " |"
     rows = [head, "|---|---|---:|" + "---:|" * len(radii)]
     tests = ["| seed | pair (A vs B) | " + " | ".join(f"r = {r:g}" for r in radii) + " |",
              "|---|---|" + "---|" * len(radii)]  # fmt: skip
-    for run in runs:
-        stats = per_seed_statistics(run, radii)
-        if stats is None:
+    for run, one in zip(runs, stats["per_seed"], strict=True):
+        if one is None:
             continue
         seed = f"{run['settings']['seed']}{' (partial)' if run.get('partial') else ''}"
-        for m, cells in stats["certified"].items():
+        for m, cells in one["certified"].items():
             rows.append(
-                f"| {seed} | {METHOD_NAMES[m]} | {stats['images']} | "
+                f"| {seed} | {METHOD_NAMES[m]} | {one['images']} | "
                 + " | ".join(_pct(cells[f"{r:g}"]) for r in radii)
                 + " |"
             )
         pairs: dict[tuple[str, str], list[str]] = {}
-        for t in stats["paired_tests"]:
+        for t in one["paired_tests"]:
             pairs.setdefault((t["a"], t["b"]), []).append(
                 f"{t['a_only']} vs {t['b_only']}, p = {t['pvalue']:.2g}"
             )
@@ -322,7 +341,7 @@ def statistics_tables(runs: Sequence[dict[str, Any]], radii: Sequence[float]) ->
     out += ["Certified accuracy (%) per seed, [95 % Clopper-Pearson interval]:", "", *rows, ""]
     out += ["McNemar's exact test per seed (images certified only by A vs only by B, "
             "two-sided p):", "", *tests, ""]  # fmt: skip
-    pooled = pooled_statistics(runs, radii)
+    pooled = stats["pooled"]
     out += [f"Pooled over {len(runs)} seeds ({pooled['images']} distinct test images; each "
             "image averaged over its seeds; [95 % bootstrap interval over images]):", "",
             "| method | " + " | ".join(f"r = {r:g}" for r in radii) + " |",
@@ -346,11 +365,14 @@ def statistics_tables(runs: Sequence[dict[str, Any]], radii: Sequence[float]) ->
         )
     out += ["", "What the runs support (an ordering only where the pooled difference's interval "
             "excludes 0 and no seed's McNemar test points the other way):", "",
-            orderings_table(runs, radii)]  # fmt: skip
+            orderings_table(stats["orderings"], radii,
+                            sum(st is not None for st in stats["per_seed"]))]  # fmt: skip
     return "\n".join(out)
 
 
-def plot_means(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
+def plot_means(
+    runs: Sequence[dict[str, Any]], path: str | Path, pooled: dict[str, Any] | None = None
+) -> None:
     """Certified accuracy vs radius over ``runs``: with per-image certificates the pooled mean
     and its 95 % image-bootstrap interval; otherwise the mean with the seeds' min-max."""
     import matplotlib
@@ -361,7 +383,8 @@ def plot_means(runs: Sequence[dict[str, Any]], path: str | Path) -> None:
     means = mean_accuracy(runs)
     radii_keys = list(next(iter(means.values()))) if means else []
     have_certificates = all(r["certificates"] for r in runs)
-    pooled = pooled_statistics(runs, [float(r) for r in radii_keys]) if have_certificates else None
+    if pooled is None and have_certificates:
+        pooled = pooled_statistics(runs, [float(r) for r in radii_keys])
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for i, (m, acc) in enumerate(means.items()):
         radii = [float(r) for r in acc]
@@ -408,21 +431,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(seed_table(runs))
     for name, ok in done_criterion(runs).items():
         print(f"{name} (point estimates): {'yes' if ok else 'no'}")
+    stats = None
     if all(r["certificates"] for r in runs):
         radii = [float(r) for r in next(iter(mean_accuracy(runs).values()), {})]
+        stats = seed_statistics(runs, radii)  # the bootstraps run once, for all that follows
         print()
-        print(statistics_tables(runs, radii))
+        print(statistics_tables(runs, radii, stats))
         if args.json:
-            record = {
-                "runs": [str(d) for d in args.dirs],
-                "per_seed": [per_seed_statistics(run, radii) for run in runs],
-                "pooled": pooled_statistics(runs, radii),
-                "orderings": supported_orderings(runs, radii),
-            }
+            record = {"runs": [str(d) for d in args.dirs]} | stats
             Path(args.json).write_text(json.dumps(record, indent=2))
             print(f"statistics: {args.json}")
     if args.plot:
-        plot_means(runs, args.plot)
+        plot_means(runs, args.plot, None if stats is None else stats["pooled"])
         print(f"plot: {args.plot}")
     return 0
 
